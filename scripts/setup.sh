@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment from the pin files.
+#   scripts/setup.sh          runtime only
+#   scripts/setup.sh --test   runtime + test tools
+# The venv is .venv unless VAEMAP_VENV says otherwise; PYTHON picks the interpreter (3.11).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${VAEMAP_VENV:-.venv}
+python=${PYTHON:-python3.11}
+pins=requirements.txt
+[ "${1:-}" = "--test" ] && pins=requirements-test.txt
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "vaemap setup: creating $venv with $($python --version)"
+  "$python" -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+stamp="$venv/.vaemap-installed-$(cat requirements.txt "$pins" pyproject.toml | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  echo "vaemap setup: installing pinned dependencies from $pins"
+  python -m pip install --quiet --disable-pip-version-check -r "$pins"
+  # classic dmipy cannot resolve its own metadata on numpy 2: install it alone, without deps.
+  nodeps=$(sed -n 's/^# no-deps: //p' requirements.txt)
+  [ -n "$nodeps" ] && python -m pip install --quiet --disable-pip-version-check --no-deps $nodeps
+  python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+  touch "$stamp"
+fi
+echo "vaemap setup: ready ($(python -c 'import vaemap_bids; print("vaemap", vaemap_bids.__version__)'))"

@@ -1,0 +1,87 @@
+"""What every estimator returns, the device choice, and the shared input checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..physics.base import SignalModel
+
+METHODS = ("lsq", "ssl", "vaeunig", "vaegmm")
+NETWORK_METHODS = ("ssl", "vaeunig", "vaegmm")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The device asked for is not there (the CLI maps this to exit code 75)."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU raises, never falls back."""
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"--device {device} was asked for but no CUDA GPU is visible to PyTorch")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+@dataclass
+class FitResult:
+    """Per-voxel estimates of one (model, method) fit.
+
+    ``params`` rows are NaN where ``valid`` is False (voxels excluded for non-finite input).
+    Network methods report the posterior-mean estimate (decoder(mu)); ``std`` is the per-voxel
+    posterior standard deviation from M samples of z (VAE methods only).
+    """
+
+    model: str
+    method: str
+    params: np.ndarray
+    valid: np.ndarray
+    std: np.ndarray | None = None
+    responsibilities: np.ndarray | None = None
+    latent_mean: np.ndarray | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    hyperparameters: dict = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    seed: int = 0
+
+    def maps(self, model: SignalModel) -> dict[str, np.ndarray]:
+        return model.split(self.params)
+
+    def std_maps(self, model: SignalModel) -> dict[str, np.ndarray]:
+        return {} if self.std is None else model.split(self.std)
+
+
+def prepare_signals(model: SignalModel, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Check b0-normalised ``signals`` (N, T of the model's full acquisition) and return
+    ``(y, valid)``: the model's volumes of the finite voxels, float32, and the finite-row mask."""
+    signals = np.asarray(signals)
+    if signals.ndim != 2:
+        raise ValueError(f"signals must be 2-D (voxels, volumes), got shape {signals.shape}")
+    n_full = model.full_acquisition.n_volumes
+    if signals.shape[1] == n_full:
+        signals = signals[:, model.volumes]
+    elif signals.shape[1] != model.n_measurements:
+        raise ValueError(f"signals have {signals.shape[1]} volumes but the acquisition has "
+                         f"{n_full} b-values ({model.n_measurements} used by {model.name})")
+    valid = np.all(np.isfinite(signals), axis=1)
+    if not valid.any():
+        raise ValueError("no voxel has finite signals to fit")
+    return np.ascontiguousarray(signals[valid], dtype=np.float32), valid
+
+
+def scatter_rows(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Put rows fitted on ``valid`` voxels back into a full-length array, NaN elsewhere."""
+    out = np.full((valid.size,) + values.shape[1:], np.nan, dtype=np.float32)
+    out[valid] = values
+    return out
