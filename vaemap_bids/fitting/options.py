@@ -1,0 +1,68 @@
+"""Method defaults from ``data/hyperparameters.yaml`` merged with user overrides."""
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+import yaml
+
+from .base import METHODS
+
+
+@lru_cache(maxsize=1)
+def _defaults() -> dict:
+    text = (files("vaemap_bids") / "data" / "hyperparameters.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def default_options(method: str, model: str | None = None) -> dict:
+    """The packaged defaults of ``method`` (with its ``method@model`` block applied)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    table = _defaults()
+    opts = copy.deepcopy(table.get(method, {}))
+    if model is not None:
+        opts.update(copy.deepcopy(table.get(f"{method}@{model}", {})))
+    return opts
+
+
+def method_options(method: str, overrides: dict | None = None, model: str | None = None) -> dict:
+    """Defaults of ``method`` updated with ``overrides``; an unknown key raises ValueError."""
+    opts = default_options(method, model)
+    for key, value in (overrides or {}).items():
+        if key not in opts:
+            raise ValueError(f"unknown option {key!r} for method {method!r}; "
+                             f"known: {', '.join(sorted(opts))}")
+        opts[key] = value
+    return opts
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a ``--config`` YAML file: ``{method or method@model: {option: value}}``, checked
+    against the defaults so that a typo fails before any work starts."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"{path}: cannot read hyper-parameter file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of method -> options")
+    for block, opts in data.items():
+        method, _, model = str(block).partition("@")
+        if not isinstance(opts, dict):
+            raise ValueError(f"{path}: block {block!r} must be a mapping of option: value")
+        try:
+            method_options(method, opts, model or None)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    return data
+
+
+def options_for(config: dict | None, method: str, model: str) -> dict:
+    """Resolved options of ``method`` on ``model`` given a loaded ``--config`` mapping."""
+    config = config or {}
+    merged = dict(config.get(method, {}))
+    merged.update(config.get(f"{method}@{model}", {}))
+    return method_options(method, merged, model)
