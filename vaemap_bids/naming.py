@@ -11,6 +11,7 @@ kind                          name
 brain mask                    ``<prefix>_desc-brain_mask.nii.gz``
 parameter map                 ``<prefix>_model-<model>_desc-<method>_param-<param>_dwimap.nii.gz``
 posterior standard deviation  ``<prefix>_model-<model>_desc-<method>_param-<param>_stat-std_dwimap.nii.gz``
+fit residual (NRMSE)          ``<prefix>_model-<model>_desc-<method>_stat-nrmse_dwimap.nii.gz``
 vaegmm hard clusters          ``<prefix>_model-<model>_desc-vaegmm_dseg.nii.gz`` (+ ``_dseg.tsv``)
 vaegmm responsibilities       ``<prefix>_model-<model>_desc-vaegmm_probseg.nii.gz`` (4-D, K vols)
 ============================  ==================================================================
@@ -37,6 +38,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 
 MAP_SUFFIX = "dwimap"
 STD_STAT = "std"
+NRMSE_STAT = "nrmse"
 
 
 def check_label(value: str, what: str = "label") -> str:
@@ -82,6 +84,12 @@ def mask_name(entities: dict) -> str:
 def map_name(entities: dict, model: str, method: str, param: str, stat: str | None = None) -> str:
     stat_part = f"_stat-{stat}" if stat else ""
     return f"{prefix(entities)}_model-{model}_desc-{method}_param-{param}{stat_part}_{MAP_SUFFIX}.nii.gz"
+
+
+def nrmse_name(entities: dict, model: str, method: str) -> str:
+    """Voxelwise RMS of (measured - predicted) S/S0 over the model's volumes, divided by the RMS
+    of the measured S/S0."""
+    return f"{prefix(entities)}_model-{model}_desc-{method}_stat-{NRMSE_STAT}_{MAP_SUFFIX}.nii.gz"
 
 
 def dseg_name(entities: dict, model: str, method: str = "vaegmm") -> str:
