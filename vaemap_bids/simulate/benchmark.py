@@ -1,0 +1,716 @@
+"""``vaemap-sim``: the paper's simulation benchmark (SCIENCE.md section 5, Fig. 1 and Fig. 6).
+
+Simulates the three MS-DKI clusters with Rician noise at each SNR and seed, fits them with each
+method through :func:`vaemap_bids.fitting.fit`, and writes to ``--out``:
+
+- ``results.json``: every number (RMSE, bias, Pearson r per method, parameter, cluster and pooled,
+  SNR and seed, with mean and sd over seeds), wall time and voxels/s, the configuration, the
+  versions, the rejection statistics of the truth and the note on the MS-DKI shell restriction;
+- ``results.md``: the same as Markdown tables (mean +- sd over seeds);
+- ``scatter_snr-<SNR>.png``: truth against estimate (rows: methods, columns: D and K, coloured by
+  cluster, identity line), first seed.
+
+``--sweep`` instead trains vaeunig/vaegmm over a grid of latent dimension x KL weight (Fig. 6) and
+writes ``sweep.json``, ``sweep.md`` and ``sweep.png``.
+
+Exit codes (BIDS-Apps convention): 0 success, 64 bad arguments or options, 73 the output folder
+cannot be created or written, 75 the device asked for is not available.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..fitting.base import METHODS, NETWORK_METHODS
+from ..physics.base import make_model
+from .acquisitions import hcp_acquisition
+from .clusters import PAPER_CLUSTERS, simulate_clusters
+from .metrics import POOLED, mean_sd, parameter_metrics
+
+log = logging.getLogger("vaemap.simulate")
+
+EXIT_OK, EXIT_USAGE, EXIT_CANTCREAT, EXIT_TEMPFAIL = 0, 64, 73, 75
+
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+SWEEP_JSON = "sweep.json"
+SWEEP_MD = "sweep.md"
+SWEEP_PNG = "sweep.png"
+MODEL = "msdki"
+#: Parameter labels of the MS-DKI model and the symbols the paper uses for them.
+SYMBOLS = {"msd": "D", "msk": "K"}
+METRICS = ("rmse", "bias", "r")
+DEFAULT_SNRS = (10.0, 20.0, 50.0, 100.0)
+DEFAULT_SEEDS = (0, 1, 2)
+QUICK = {"n_voxels": 300, "snrs": (20.0,), "seeds": (0,), "epochs": 2}
+#: Option names the networks may use for the latent dimension and the final KL weight.
+LATENT_KEYS = ("latent_dim", "latent_dims", "n_latent", "z_dim")
+BETA_KEYS = ("beta", "kl_weight", "beta_final", "beta_max")
+SWEEP_METHODS = ("vaeunig", "vaegmm")
+DEFAULT_LATENT_DIMS = (1, 2, 5, 10)
+DEFAULT_BETAS = (0.001, 0.01, 0.1, 1.0)
+CLUSTER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def scatter_name(snr: float) -> str:
+    return f"scatter_snr-{_snr_key(snr)}.png"
+
+
+def _snr_key(snr: float) -> str:
+    return f"{snr:g}"
+
+
+class UsageError(ValueError):
+    """A bad argument or option (exit code 64)."""
+
+
+# ---- writing --------------------------------------------------------------------------------
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(obj):
+    """NaN/inf -> None (strict JSON), numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_atomic(path, json.dumps(_json_safe(data), indent=1, allow_nan=False) + "\n")
+
+
+def save_figure(fig, path: Path) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+# ---- configuration ---------------------------------------------------------------------------
+def versions() -> dict:
+    import torch
+
+    return {"vaemap": __version__, "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__}
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def resolve_options(config: dict | None, method: str, epochs: int | None) -> dict:
+    """Options of ``method`` on MS-DKI: packaged defaults < ``--config`` < ``--epochs``."""
+    from ..fitting.options import options_for
+
+    opts = options_for(config, method, MODEL)
+    if epochs is not None and method in NETWORK_METHODS:
+        if "epochs" not in opts:
+            raise UsageError(f"--epochs given but method {method} has no 'epochs' option")
+        opts["epochs"] = int(epochs)
+    return opts
+
+
+def shell_note(model) -> str:
+    shells = ", ".join(f"{row['bval_smm2']:.0f}" for row in model.acquisition.shell_table())
+    dropped = sorted({round(b * 1e3) for b in model.full_acquisition.nonzero_shells}
+                     - {round(b * 1e3) for b in model.acquisition.nonzero_shells})
+    b_top = model.acquisition.nonzero_shells.max() * 1e3
+    note = (f"MS-DKI used only the shells b <= {b_top:.0f} s/mm^2 ({shells} s/mm^2; "
+            f"{model.n_measurements} of {model.full_acquisition.n_volumes} volumes; the model keeps "
+            f"shells up to {model.max_b * 1e3:.0f} s/mm^2, where its cumulant expansion holds)")
+    if dropped:
+        note += f"; shells not used: {', '.join(str(b) for b in dropped)} s/mm^2"
+    return note + "."
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_voxels=10_000, *,
+                  device="auto", config=None, epochs=None, renormalise=True, progress=False,
+                  acquisition=None, on_update=None) -> tuple[dict, dict]:
+    """Run every (SNR, seed, method) and return ``(results, estimates)``.
+
+    ``results`` is the JSON-ready record (see the module doc); ``estimates[snr]`` holds the first
+    seed's truth, labels and each method's estimate for the scatter plots. ``on_update(results)``
+    is called after each fit so that a caller can save partial results.
+    """
+    from ..fitting import fit, resolve_device
+
+    methods = list(methods)
+    dev = str(resolve_device(device))
+    acq = hcp_acquisition() if acquisition is None else acquisition
+    model = make_model(MODEL, acq)
+    options = {m: resolve_options(config, m, epochs) for m in methods}
+    param_labels = [p.label for p in model.parameters]
+    results = {
+        "tool": "vaemap-sim",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+        "note": shell_note(model),
+        "configuration": {"model": MODEL, "methods": methods, "snrs": [float(s) for s in snrs],
+                          "seeds": [int(s) for s in seeds], "n_voxels": int(n_voxels),
+                          "device": dev, "renormalised_by_noisy_b0": bool(renormalise),
+                          "clusters": {k: list(v) for k, v in PAPER_CLUSTERS.items()},
+                          "options": options},
+        "versions": versions(),
+        "machine": machine(dev),
+        "parameters": {lab: SYMBOLS.get(lab, lab) for lab in param_labels},
+        "simulation": {},
+        "runs": [],
+        "summary": {},
+        "comparisons": {},
+    }
+    estimates: dict = {}
+    for snr in snrs:
+        for seed in seeds:
+            sim = simulate_clusters(acq, n_voxels, snr, seed, model=model, renormalise=renormalise)
+            results["simulation"].setdefault(str(int(seed)), {
+                "rejection": sim.rejection, "b_max_used_smm2": sim.b_max * 1e3,
+                "n_volumes": int(sim.noisy.shape[1]),
+                "cluster_counts": np.bincount(sim.labels, minlength=len(sim.cluster_names)).tolist()})
+            if seed == seeds[0]:
+                estimates[float(snr)] = {"truth": sim.params, "labels": sim.labels,
+                                         "cluster_names": sim.cluster_names, "methods": {}}
+            for method in methods:
+                t0 = time.perf_counter()
+                res = fit(model, sim.noisy, method, device=dev, seed=int(seed),
+                          options=options[method], progress=progress)
+                wall = time.perf_counter() - t0
+                metrics = parameter_metrics(res.params, sim.params, sim.labels, param_labels,
+                                            sim.cluster_names)
+                finite = np.all(np.isfinite(res.params), axis=1)
+                run = {"snr": float(snr), "seed": int(seed), "method": method,
+                       "wall_s": wall, "voxels_per_s": n_voxels / wall if wall > 0 else None,
+                       "timings": dict(res.timings), "device": res.device,
+                       "n_at_bound": int(model.at_bound_mask(res.params[finite]).sum()),
+                       "n_invalid": int(model.invalid_mask(res.params[finite]).sum()),
+                       "n_not_finite": int((~finite).sum()),
+                       "final_loss": _final(res.history),
+                       "metrics": metrics}
+                results["runs"].append(run)
+                if seed == seeds[0]:
+                    estimates[float(snr)]["methods"][method] = res.params
+                log.info("SNR %g seed %d %-8s %7.1f s  RMSE D %.4f K %.4f", snr, seed, method, wall,
+                         metrics[param_labels[0]][POOLED]["rmse"],
+                         metrics[param_labels[1]][POOLED]["rmse"])
+                results["summary"] = summarise_runs(results["runs"], param_labels)
+                results["comparisons"] = compare(results["summary"], param_labels,
+                                                 list(sim.cluster_names))
+                if on_update is not None:
+                    on_update(results)
+    results["complete"] = True
+    return results, estimates
+
+
+def _final(history: dict) -> dict:
+    return {k: float(v[-1]) for k, v in (history or {}).items()
+            if isinstance(v, (list, tuple)) and v and isinstance(v[-1], (int, float))}
+
+
+def summarise_runs(runs: list[dict], param_labels) -> dict:
+    """``summary[method][snr]`` = mean/sd over seeds of every metric and of the timings."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run["method"], {}).setdefault(_snr_key(run["snr"]), []).append(run)
+    out: dict = {}
+    for method, per_snr in groups.items():
+        for snr, rs in per_snr.items():
+            entry = {"n_seeds": len(rs), "wall_s": mean_sd([r["wall_s"] for r in rs]),
+                     "voxels_per_s": mean_sd([r["voxels_per_s"] for r in rs]),
+                     "n_at_bound": mean_sd([r["n_at_bound"] for r in rs]), "metrics": {}}
+            for lab in param_labels:
+                entry["metrics"][lab] = {
+                    cl: {m: mean_sd([r["metrics"][lab][cl][m] for r in rs]) for m in METRICS}
+                    for cl in rs[0]["metrics"][lab]}
+            out.setdefault(method, {})[snr] = entry
+    return out
+
+
+def compare(summary: dict, param_labels, cluster_names) -> dict:
+    """The paper's claim at each SNR: is vaegmm's RMSE (mean over seeds) of every parameter
+    below ssl's in every cluster, and below lsq's pooled?"""
+    out = {}
+    if "vaegmm" not in summary:
+        return out
+    for snr, entry in summary["vaegmm"].items():
+        rows, verdicts = [], []
+        for lab in param_labels:
+            for baseline, clusters in (("ssl", cluster_names), ("lsq", [POOLED])):
+                base = summary.get(baseline, {}).get(snr)
+                if base is None:
+                    continue
+                for cl in clusters:
+                    ours = entry["metrics"][lab][cl]["rmse"]["mean"]
+                    theirs = base["metrics"][lab][cl]["rmse"]["mean"]
+                    below = bool(ours < theirs) if np.isfinite(ours) and np.isfinite(theirs) else None
+                    rows.append({"parameter": lab, "baseline": baseline, "cluster": cl,
+                                 "vaegmm_rmse": ours, "baseline_rmse": theirs, "vaegmm_below": below})
+                    verdicts.append(below)
+        out[snr] = {"checks": rows,
+                    "all_below": bool(verdicts) and all(v is True for v in verdicts)}
+    return out
+
+
+# ---- Markdown --------------------------------------------------------------------------------
+def _fmt(ms: dict, digits: int = 3) -> str:
+    mean, sd = ms.get("mean"), ms.get("sd")
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if ms.get("n", 1) > 1 else f"{mean:.{digits}f}"
+
+
+def results_markdown(results: dict) -> str:
+    cfg = results["configuration"]
+    summary = results["summary"]
+    params = results["parameters"]
+    clusters = [c for c in cfg["clusters"]["names"]] + [POOLED]
+    lines = ["# vaemap-sim: MS-DKI three-cluster simulation", "",
+             f"{cfg['n_voxels']} voxels, SNR {', '.join(f'{s:g}' for s in cfg['snrs'])}, "
+             f"seeds {', '.join(str(s) for s in cfg['seeds'])}, device {cfg['device']}, "
+             f"vaemap {results['versions']['vaemap']}, torch {results['versions']['torch']}. "
+             "Values: mean ± sd over seeds.", "", results["note"], ""]
+    if not results.get("complete"):
+        lines += ["**Partial results: the run did not finish.**", ""]
+    lines += _rejection_lines(results)
+    header_cells = [f"{params[lab]} {cl}" for lab in params for cl in clusters]
+    titles = {"rmse": "RMSE", "bias": "Bias (estimate - truth)", "r": "Pearson r"}
+    for snr in (f"{s:g}" for s in cfg["snrs"]):
+        present = [m for m in cfg["methods"] if snr in summary.get(m, {})]
+        if not present:
+            continue
+        lines += [f"## SNR {snr}", ""]
+        for metric in METRICS:
+            lines += [f"### {titles[metric]}", "",
+                      "| method | " + " | ".join(header_cells) + " |",
+                      "|---" * (len(header_cells) + 1) + "|"]
+            for m in present:
+                e = summary[m][snr]["metrics"]
+                cells = [_fmt(e[lab][cl][metric]) for lab in params for cl in clusters]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+        comp = results["comparisons"].get(snr)
+        if comp:
+            lines += _comparison_lines(comp, params)
+    lines += ["## Speed", "", "| method | SNR | wall time (s) | voxels/s | estimates at a bound |",
+              "|---|---|---|---|---|"]
+    for m in cfg["methods"]:
+        for snr, e in summary.get(m, {}).items():
+            lines.append(f"| {m} | {snr} | {_fmt(e['wall_s'], 2)} | {_fmt(e['voxels_per_s'], 0)} "
+                         f"| {_fmt(e['n_at_bound'], 0)} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _rejection_lines(results: dict) -> list[str]:
+    lines = ["## Truth (drawn by rejection)", "",
+             "Each voxel's cluster is drawn with the weights; its (D, K) is redrawn from the "
+             "cluster's Gaussian until physical (D > 0, K >= 0, b_max D K < 3, inside the model's "
+             "bounds). Rejection truncates the clusters: effective means below.", "",
+             "| seed | cluster | voxels | draws | rejected | nominal mean (D, K) | effective mean (D, K) | effective sd (D, K) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seed, sim in results["simulation"].items():
+        for st in sim["rejection"]:
+            lines.append(
+                f"| {seed} | {st['name']} | {st['n_voxels']} | {st['n_draws']} | {st['n_rejected']} "
+                f"({1 - st['acceptance_rate']:.1%}) | ({st['nominal_mean'][0]:.2f}, {st['nominal_mean'][1]:.2f}) "
+                f"| ({st['effective_mean'][0]:.3f}, {st['effective_mean'][1]:.3f}) "
+                f"| ({st['effective_sd'][0]:.3f}, {st['effective_sd'][1]:.3f}) |")
+    return lines + [""]
+
+
+def _comparison_lines(comp: dict, params: dict) -> list[str]:
+    lines = ["### vaegmm against the baselines (RMSE, mean over seeds)", "",
+             "| parameter | baseline | cluster | vaegmm | baseline | vaegmm lower |", "|---|---|---|---|---|---|"]
+    for row in comp["checks"]:
+        verdict = {True: "yes", False: "**no**", None: "n/a"}[row["vaegmm_below"]]
+        lines.append(f"| {params[row['parameter']]} | {row['baseline']} | {row['cluster']} "
+                     f"| {row['vaegmm_rmse']:.4f} | {row['baseline_rmse']:.4f} | {verdict} |")
+    lines += ["", f"vaegmm below ssl in every cluster and below lsq pooled, for every parameter: "
+              f"**{'yes' if comp['all_below'] else 'no'}**", ""]
+    return lines
+
+
+# ---- figures ---------------------------------------------------------------------------------
+def scatter_figure(est: dict, snr: float, params: dict, bounds: tuple):
+    """Fig. 1 style: rows = methods, columns = parameters, truth (x) against estimate (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(est["methods"])
+    labs = list(params)
+    fig, axes = plt.subplots(len(methods), len(labs), figsize=(3.6 * len(labs), 3.2 * len(methods)),
+                             squeeze=False)
+    truth, labels = est["truth"], est["labels"]
+    lo, hi = bounds
+    for i, m in enumerate(methods):
+        for j, lab in enumerate(labs):
+            ax = axes[i, j]
+            pred = est["methods"][m][:, j]
+            for c, name in enumerate(est["cluster_names"]):
+                sel = labels == c
+                ax.scatter(truth[sel, j], pred[sel], s=2, alpha=0.35, lw=0,
+                           color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)], label=name, rasterized=True)
+            top = float(max(np.nanmax(truth[:, j]), np.nanmax(pred) if np.isfinite(pred).any() else 0))
+            edge = [min(lo[j], 0.0), min(hi[j], 1.05 * top)]
+            ax.plot(edge, edge, "k--", lw=0.8)
+            ax.set_xlim(edge)
+            ax.set_ylim(edge)
+            ax.set_title(f"{m}: {params[lab]}  (SNR {snr:g})", fontsize=9)
+            ax.set_xlabel(f"true {params[lab]}", fontsize=8)
+            ax.set_ylabel(f"estimated {params[lab]}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    from matplotlib.lines import Line2D
+
+    names = list(est["cluster_names"])
+    handles = [Line2D([], [], ls="", marker="o", ms=5, color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)])
+               for c in range(len(names))]  # own handles: resizing the scatters' would resize the dots
+    fig.legend(handles, names, loc="upper center", ncol=len(names), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def write_outputs(out: Path, results: dict, estimates: dict | None, model) -> list[Path]:
+    written = [out / RESULTS_JSON, out / RESULTS_MD]
+    write_json(out / RESULTS_JSON, results)
+    write_atomic(out / RESULTS_MD, results_markdown(results))
+    for snr, est in (estimates or {}).items():
+        if est["methods"]:
+            fig = scatter_figure(est, snr, results["parameters"], model.bounds())
+            save_figure(fig, out / scatter_name(snr))
+            written.append(out / scatter_name(snr))
+    return written
+
+
+# ---- the sweep (Fig. 6) ----------------------------------------------------------------------
+def sweep_keys(method: str) -> tuple[str, str]:
+    """The option names of the latent dimension and of the KL weight of ``method``."""
+    from ..fitting.options import default_options
+
+    opts = default_options(method, MODEL)
+    latent = next((k for k in LATENT_KEYS if k in opts), None)
+    beta = next((k for k in BETA_KEYS if k in opts), None)
+    if latent is None or beta is None:
+        raise UsageError(
+            f"--sweep needs {method} options for the latent dimension ({' or '.join(LATENT_KEYS)}) "
+            f"and the KL weight ({' or '.join(BETA_KEYS)}); hyperparameters.yaml has only: "
+            f"{', '.join(sorted(opts)) or 'none'}")
+    return latent, beta
+
+
+def run_sweep(methods=SWEEP_METHODS, latent_dims=DEFAULT_LATENT_DIMS, betas=DEFAULT_BETAS,
+              snr=20.0, seeds=(0,), n_voxels=10_000, *, device="auto", config=None, epochs=None,
+              baselines=("ssl",), progress=False, acquisition=None, on_update=None) -> tuple[dict, dict]:
+    """Train each method over latent_dims x betas (and the baselines once) on the same voxels."""
+    from ..fitting import fit, resolve_device
+
+    dev = str(resolve_device(device))
+    acq = hcp_acquisition() if acquisition is None else acquisition
+    model = make_model(MODEL, acq)
+    keys = {m: sweep_keys(m) for m in methods}
+    param_labels = [p.label for p in model.parameters]
+    results = {"tool": "vaemap-sim --sweep", "complete": False, "note": shell_note(model),
+               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               "configuration": {"methods": list(methods), "baselines": list(baselines),
+                                 "latent_dims": list(latent_dims), "betas": list(betas),
+                                 "snr": float(snr), "seeds": [int(s) for s in seeds],
+                                 "n_voxels": int(n_voxels), "device": dev,
+                                 "option_keys": {m: {"latent": k[0], "beta": k[1]} for m, k in keys.items()}},
+               "versions": versions(), "machine": machine(dev),
+               "parameters": {lab: SYMBOLS.get(lab, lab) for lab in param_labels}, "runs": []}
+    scatter: dict = {}
+    for seed in seeds:
+        sim = simulate_clusters(acq, n_voxels, snr, seed, model=model)
+        grid = [(b, None, None) for b in baselines]
+        grid += [(m, ld, be) for m in methods for ld in latent_dims for be in betas]
+        for method, ld, be in grid:
+            opts = resolve_options(config, method, epochs)
+            if ld is not None:
+                opts[keys[method][0]] = int(ld)
+                opts[keys[method][1]] = float(be)
+            t0 = time.perf_counter()
+            res = fit(model, sim.noisy, method, device=dev, seed=int(seed), options=opts,
+                      progress=progress)
+            wall = time.perf_counter() - t0
+            metrics = parameter_metrics(res.params, sim.params, sim.labels, param_labels,
+                                        sim.cluster_names)
+            results["runs"].append({"method": method, "latent_dim": ld, "beta": be, "seed": int(seed),
+                                    "wall_s": wall, "metrics": metrics})
+            if seed == seeds[0]:
+                scatter[(method, ld, be)] = res.params
+            log.info("sweep %s latent %s beta %s seed %d: RMSE D %.4f K %.4f (%.1f s)", method, ld,
+                     be, seed, metrics[param_labels[0]][POOLED]["rmse"],
+                     metrics[param_labels[1]][POOLED]["rmse"], wall)
+            if on_update is not None:
+                on_update(results)
+        if seed == seeds[0]:
+            scatter["truth"], scatter["labels"] = sim.params, sim.labels
+            scatter["cluster_names"] = sim.cluster_names
+    results["summary"] = _sweep_summary(results["runs"], param_labels)
+    results["complete"] = True
+    return results, scatter
+
+
+def _sweep_summary(runs: list[dict], param_labels) -> list[dict]:
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["latent_dim"], r["beta"]), []).append(r)
+    return [{"method": m, "latent_dim": ld, "beta": be, "n_seeds": len(rs),
+             "rmse": {lab: mean_sd([r["metrics"][lab][POOLED]["rmse"] for r in rs]) for lab in param_labels},
+             "r": {lab: mean_sd([r["metrics"][lab][POOLED]["r"] for r in rs]) for lab in param_labels}}
+            for (m, ld, be), rs in groups.items()]
+
+
+def sweep_markdown(results: dict) -> str:
+    cfg, params = results["configuration"], results["parameters"]
+    lines = ["# vaemap-sim --sweep: latent dimension x KL weight (paper Fig. 6)", "",
+             f"SNR {cfg['snr']:g}, {cfg['n_voxels']} voxels, seeds {cfg['seeds']}, device "
+             f"{cfg['device']}. Pooled RMSE and Pearson r, mean ± sd over seeds.", "",
+             results["note"], "",
+             "| method | latent dim | KL weight | " + " | ".join(f"RMSE {s}" for s in params.values())
+             + " | " + " | ".join(f"r {s}" for s in params.values()) + " |",
+             "|---" * (3 + 2 * len(params)) + "|"]
+    for row in results.get("summary", []):
+        ld = "-" if row["latent_dim"] is None else row["latent_dim"]
+        be = "-" if row["beta"] is None else f"{row['beta']:g}"
+        cells = [_fmt(row["rmse"][lab], 4) for lab in params] + [_fmt(row["r"][lab], 3) for lab in params]
+        lines.append(f"| {row['method']} | {ld} | {be} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
+def sweep_figure(results: dict, scatter: dict):
+    """Heat maps of pooled RMSE (rows: methods, columns: parameters), baselines in the titles,
+    and, for D, the truth-vs-estimate scatter of every grid point of the first method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg, params = results["configuration"], results["parameters"]
+    methods, lds, betas = cfg["methods"], cfg["latent_dims"], cfg["betas"]
+    labs = list(params)
+    table = {(r["method"], r["latent_dim"], r["beta"]): r for r in results["summary"]}
+    base = "; ".join(f"{b}: " + ", ".join(f"{params[lab]} {table[(b, None, None)]['rmse'][lab]['mean']:.3f}"
+                                         for lab in labs)
+                     for b in cfg["baselines"] if (b, None, None) in table)
+    n_rows = len(methods) + 1
+    fig = plt.figure(figsize=(max(4.0 * len(labs), 2.2 * len(betas)), 3.4 * n_rows + 2.2 * len(lds)))
+    outer = fig.add_gridspec(2, 1, height_ratios=[3.4 * len(methods), 2.2 * len(lds)], hspace=0.35)
+    top = outer[0].subgridspec(len(methods), len(labs), wspace=0.35, hspace=0.5)
+    for i, m in enumerate(methods):
+        for j, lab in enumerate(labs):
+            ax = fig.add_subplot(top[i, j])
+            grid = np.array([[table[(m, ld, be)]["rmse"][lab]["mean"] for be in betas] for ld in lds])
+            im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+            for a in range(len(lds)):
+                for b in range(len(betas)):
+                    ax.text(b, a, f"{grid[a, b]:.3f}", ha="center", va="center", fontsize=7, color="w")
+            ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=7)
+            ax.set_yticks(range(len(lds)), [str(d) for d in lds], fontsize=7)
+            ax.set_xlabel("KL weight", fontsize=8)
+            ax.set_ylabel("latent dim", fontsize=8)
+            ax.set_title(f"{m}: pooled RMSE {params[lab]}", fontsize=9)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"SNR {cfg['snr']:g}. Baselines: {base}", fontsize=9)
+    bottom = outer[1].subgridspec(len(lds), len(betas), wspace=0.3, hspace=0.45)
+    m0 = methods[0]
+    truth, labels = scatter["truth"], scatter["labels"]
+    for a, ld in enumerate(lds):
+        for b, be in enumerate(betas):
+            ax = fig.add_subplot(bottom[a, b])
+            pred = scatter[(m0, ld, be)][:, 0]
+            for c in range(len(scatter["cluster_names"])):
+                sel = labels == c
+                ax.scatter(truth[sel, 0], pred[sel], s=1, alpha=0.3, lw=0,
+                           color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)], rasterized=True)
+            ax.plot([0, 3.5], [0, 3.5], "k--", lw=0.6)
+            ax.set_xlim(0, 3.5)
+            ax.set_ylim(0, 3.5)
+            ax.set_title(f"{m0} D: latent {ld}, KL {be:g}", fontsize=7)
+            ax.tick_params(labelsize=6)
+    return fig
+
+
+# ---- command line ----------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 64, not argparse's usage dump and exit 2
+        self.exit(EXIT_USAGE, f"vaemap-sim: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vaemap-sim", description=(
+        "Simulation benchmark of the MS-DKI estimators (paper Fig. 1): three tissue-like clusters, "
+        "HCP b-table (shells b <= 2000 s/mm^2), Rician noise; RMSE, bias and Pearson r per method, "
+        "parameter, cluster and SNR over several seeds. Exit codes: 0 ok, 64 bad arguments, "
+        "73 cannot write the output folder, 75 device not available."))
+    p.add_argument("--out", type=Path, default=Path("vaemap-sim-results"),
+                   help="output folder (created; default: %(default)s)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                   help="estimators to run (default: all four)")
+    p.add_argument("--snr", nargs="+", type=float, default=None,
+                   help="SNRs, sigma = 1/SNR on S/S0 (default: 10 20 50 100)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds; each gives a new truth, noise and network initialisation (default: 0 1 2)")
+    p.add_argument("--n-voxels", type=int, default=None, help="voxels per simulation (default 10000)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: auto)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="override the epochs of every network method")
+    p.add_argument("--config", type=Path, default=None,
+                   help="hyper-parameter YAML ({method: {option: value}}), as for vaemap")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-renormalise", action="store_true",
+                   help="keep the true S0 = 1 instead of dividing by the noisy mean b0")
+    p.add_argument("--quick", action="store_true",
+                   help=f"tiny run for checks: {QUICK['n_voxels']} voxels, SNR 20, seed 0, "
+                        f"{QUICK['epochs']} epochs (explicit options still win)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per fit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every fit")
+    sw = p.add_argument_group("sweep (paper Fig. 6)")
+    sw.add_argument("--sweep", action="store_true",
+                    help="train the VAE methods over latent dimension x KL weight instead")
+    sw.add_argument("--sweep-methods", nargs="+", choices=SWEEP_METHODS, default=list(SWEEP_METHODS))
+    sw.add_argument("--latent-dims", nargs="+", type=int, default=list(DEFAULT_LATENT_DIMS))
+    sw.add_argument("--betas", nargs="+", type=float, default=list(DEFAULT_BETAS),
+                    help="final KL weights")
+    return p
+
+
+def _check_args(p, args) -> None:
+    if args.quick:
+        args.n_voxels = QUICK["n_voxels"] if args.n_voxels is None else args.n_voxels
+        args.snr = list(QUICK["snrs"]) if args.snr is None else args.snr
+        args.seeds = list(QUICK["seeds"]) if args.seeds is None else args.seeds
+        args.epochs = QUICK["epochs"] if args.epochs is None else args.epochs
+    args.methods = args.methods or list(METHODS)
+    args.snr = args.snr or (list(DEFAULT_SNRS) if not args.sweep else [20.0])
+    args.seeds = args.seeds if args.seeds is not None else (list(DEFAULT_SEEDS) if not args.sweep else [0])
+    args.n_voxels = 10_000 if args.n_voxels is None else args.n_voxels
+    if any(not (s > 0) for s in args.snr):
+        p.error("--snr values must be positive")
+    if args.n_voxels < 10:
+        p.error("--n-voxels must be at least 10")
+    if args.epochs is not None and args.epochs < 1:
+        p.error("--epochs must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    if len(set(args.seeds)) != len(args.seeds) or len(set(args.snr)) != len(args.snr):
+        p.error("--seeds and --snr values must be distinct")
+    if args.sweep and (len(args.snr) != 1):
+        p.error("--sweep runs at one SNR; give a single --snr")
+    if args.sweep and (any(d < 1 for d in args.latent_dims) or any(b < 0 for b in args.betas)):
+        p.error("--latent-dims must be >= 1 and --betas >= 0")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    from ..fitting import DeviceUnavailableError, resolve_device
+
+    try:
+        resolve_device(args.device)
+        config = None
+        if args.config is not None:
+            from ..fitting.options import load_config
+            config = load_config(args.config)
+        for m in (args.methods if not args.sweep else list(args.sweep_methods) + ["ssl"]):
+            resolve_options(config, m, args.epochs)
+        if args.sweep:
+            for m in args.sweep_methods:
+                sweep_keys(m)
+    except DeviceUnavailableError as exc:
+        print(f"vaemap-sim: error: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    except ValueError as exc:
+        print(f"vaemap-sim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        probe = args.out / ".vaemap-sim-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        print(f"vaemap-sim: error: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_CANTCREAT
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
+    model = make_model(MODEL, hcp_acquisition())
+    t0 = time.perf_counter()
+    try:
+        if args.sweep:
+            res, scatter = run_sweep(args.sweep_methods, args.latent_dims, args.betas, args.snr[0],
+                                     args.seeds, args.n_voxels, device=args.device, config=config,
+                                     epochs=args.epochs, progress=args.progress,
+                                     on_update=lambda r: write_json(args.out / SWEEP_JSON, r))
+            write_json(args.out / SWEEP_JSON, res)
+            write_atomic(args.out / SWEEP_MD, sweep_markdown(res))
+            save_figure(sweep_figure(res, scatter), args.out / SWEEP_PNG)
+            written = [args.out / n for n in (SWEEP_JSON, SWEEP_MD, SWEEP_PNG)]
+        else:
+            res, est = run_benchmark(args.methods, args.snr, args.seeds, args.n_voxels,
+                                     device=args.device, config=config, epochs=args.epochs,
+                                     renormalise=not args.no_renormalise, progress=args.progress,
+                                     on_update=lambda r: write_outputs(args.out, r, None, model))
+            res["total_wall_s"] = time.perf_counter() - t0
+            written = write_outputs(args.out, res, est, model)
+    except DeviceUnavailableError as exc:
+        print(f"vaemap-sim: error: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
+    except OSError as exc:
+        print(f"vaemap-sim: error: cannot write results to {args.out}: {exc}", file=sys.stderr)
+        return EXIT_CANTCREAT
+    print(f"vaemap-sim: wrote {', '.join(str(w) for w in written)} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
