@@ -71,7 +71,7 @@ def test_layout_and_files(msdki_phantom):
     desc = json.loads((bids / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "raw" and desc["BIDSVersion"] and desc["Name"]
     assert (bids / "README").read_text().strip()
-    assert (bids / "participants.tsv").read_text().splitlines()[1].startswith("sub-01\t")
+    assert (bids / "participants.tsv").read_text().splitlines()[1].split("\t")[0] == "sub-01"
     (series,) = msdki_phantom["series"]
     assert Path(series["dwi"]).relative_to(bids).as_posix() == "sub-01/dwi/sub-01_dwi.nii.gz"
     sidecar = json.loads(Path(series["json"]).read_text())
@@ -285,3 +285,67 @@ def test_truth_inside_bids_rejected(tmp_path):
     with pytest.raises(ValueError, match="outside"):
         write_phantom_dataset(tmp_path / "bids", tmp_path / "bids" / "derivatives" / "truth")
     assert not (tmp_path / "bids").exists()
+
+
+# ---- dipy small_101D -> BIDS --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small101d(tmp_path_factory):
+    from vaemap_bids.dataset.dipy_small import convert_small_101d
+
+    root = tmp_path_factory.mktemp("small101d")
+    phantom = write_phantom_dataset(root / "bids", root / "truth", shape=(10, 12, 9))
+    return phantom, convert_small_101d(root / "bids")
+
+
+def test_small101d_is_dipys_data_unchanged(small101d):
+    from vaemap_bids.dataset.dipy_small import small_101d_files
+
+    _, out = small101d
+    img_path, bval_path, bvec_path = small_101d_files()
+    src, dst = nib.load(img_path), nib.load(out["dwi"])
+    assert Path(out["dwi"]).name == "sub-small101d_dwi.nii.gz"
+    assert dst.shape == src.shape == (6, 10, 10, 102)
+    assert dst.get_data_dtype() == src.get_data_dtype()
+    np.testing.assert_array_equal(np.asarray(dst.dataobj), np.asarray(src.dataobj))
+    np.testing.assert_allclose(dst.affine, src.affine)
+    assert dst.header.get_xyzt_units() == ("mm", "sec")
+    assert Path(out["bval"]).read_bytes() == bval_path.read_bytes()
+    assert Path(out["bvec"]).read_bytes() == bvec_path.read_bytes()
+    sidecar = json.loads(Path(out["json"]).read_text())
+    assert "Real diffusion-weighted data" in sidecar["vaemapSource"]["Description"]
+    # Its gradient table suits both models.
+    acq = Acquisition.from_smm2(np.loadtxt(out["bval"]), np.loadtxt(out["bvec"]))
+    assert make_model("msdki", acq).n_measurements > 10
+    assert make_model("ballstick", acq).n_measurements == 102
+
+
+def test_small101d_joins_an_existing_dataset(small101d):
+    from bids import BIDSLayout
+
+    phantom, out = small101d
+    bids = out["bids_dir"]
+    desc = json.loads((bids / "dataset_description.json").read_text())
+    assert desc["Name"] == "vaemap synthetic DWI phantom"  # the existing description is kept
+    rows = (bids / "participants.tsv").read_text().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["sub-01", "sub-small101d"]
+    layout = BIDSLayout(str(bids))
+    assert sorted(layout.get_subjects()) == ["01", "small101d"]
+    dwi = layout.get(subject="small101d", suffix="dwi", extension=".nii.gz")[0].path
+    assert Path(layout.get_bval(dwi)).is_file()
+    assert validator_errors(run_validator(bids)) == []
+
+
+def test_small101d_alone_and_rerun(tmp_path):
+    from vaemap_bids.dataset.dipy_small import convert_small_101d
+
+    first = convert_small_101d(tmp_path / "bids", subject="real1")
+    digest = hashlib.sha256(Path(first["dwi"]).read_bytes()).hexdigest()
+    again = convert_small_101d(tmp_path / "bids", subject="real1")
+    assert hashlib.sha256(Path(again["dwi"]).read_bytes()).hexdigest() == digest
+    desc = json.loads((tmp_path / "bids" / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "raw"
+    assert sorted(p.name for p in (tmp_path / "bids").iterdir()) == [
+        "README", "dataset_description.json", "participants.tsv", "sub-real1"]
+    with pytest.raises(ValueError, match="subject"):
+        convert_small_101d(tmp_path / "bids", subject="../x")

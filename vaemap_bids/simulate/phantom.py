@@ -531,8 +531,7 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
                 raise RuntimeError(f"{int(bad.sum())} phantom voxels are outside MS-DKI's domain")
         clean = np.zeros((*shape, acq.n_volumes))
         clean[mask] = float(s0) * s0_map[mask, None] * forward_model.forward_numpy(params, acq.bvals, acq.bvecs)
-        participants.append({"participant_id": f"sub-{subject}", "species": "homo sapiens",
-                             "age": "n/a", "sex": "n/a"})
+        participants.append({"participant_id": f"sub-{subject}"})
         series_seeds = noise_seq.spawn(len(sessions) * len(runs))
         for (session, run), s_seed in zip(((s, r) for s in sessions for r in runs), series_seeds):
             entities = {"subject": subject, "session": session, "acquisition": acq_label, "run": run}
