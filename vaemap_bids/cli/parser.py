@@ -1,0 +1,145 @@
+"""The ``vaemap`` command line (BIDS-Apps conventions: ``BIDS_DIR OUTPUT_DIR LEVEL [options]``).
+
+Parsing only checks the shape of the arguments; :mod:`vaemap_bids.cli.run` checks what they point
+at and exits with the documented codes. argparse's own errors exit with 64 (usage), not 2.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import __version__
+from ..config import EXIT_USAGE
+from ..fitting.base import METHODS
+
+ANALYSIS_LEVELS = ("participant", "group")
+
+
+class UsageError(Exception):
+    """A malformed command line (exit code 64)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit 2
+        raise UsageError(message)
+
+    def exit(self, status=0, message=None):  # --help / --version exit 0 as usual
+        if status:
+            raise UsageError((message or "").strip() or "usage error")
+        super().exit(status, message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..physics import available_models
+
+    parser = _Parser(
+        prog="vaemap",
+        description=("Diffusion-MRI parameter maps (MS-DKI, ball-stick) with physics-informed "
+                     "VAEs and baselines, as a BIDS-App."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=("Exit codes: 0 success; 1 a processing step failed; 16 BIDS validation failed; "
+                "17 unknown analysis level; 18 no matching participant or data; 64 usage error; "
+                "65 bad input data; 66 missing input; 73 cannot create output; 75 temporary "
+                "failure (the GPU asked for is not available)."))
+    parser.add_argument("bids_dir", type=Path, metavar="BIDS_DIR",
+                        help="the input BIDS dataset")
+    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
+                        help="where the derivatives dataset is written (not inside BIDS_DIR)")
+    # a free string, so that an unknown level exits with 17 (BIDS-Apps) rather than 64
+    parser.add_argument("analysis_level", metavar="{participant,group}",
+                        help="participant: fit every selected series; group: the group level "
+                             "(reads participant outputs)")
+    parser.add_argument("--version", action="version", version=f"vaemap {__version__}")
+    parser.add_argument("-v", "--verbose", dest="verbosity", action="count", default=0,
+                        help="more output: -v progress and Nipype's workflow log, -vv debug "
+                             "(also shows tracebacks)")
+
+    sel = parser.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", dest="participant_label",
+                     nargs="+", metavar="LABEL", default=[],
+                     help="participants to process, with or without 'sub-' (default: all)")
+    sel.add_argument("--session-label", "--session_label", dest="session_label", nargs="+",
+                     metavar="LABEL", default=[],
+                     help="sessions to process, with or without 'ses-' (default: all)")
+    sel.add_argument("--derivatives", nargs="+", type=Path, metavar="DIR", default=[],
+                     help="derivative datasets holding a *_desc-brain_mask.nii[.gz] per series "
+                          "(e.g. QSIPrep's); without one, a mask is computed with dipy's "
+                          "median_otsu on the mean b0")
+    sel.add_argument("--skip-bids-validation", "--skip_bids_validation",
+                     dest="skip_bids_validation", action="store_true",
+                     help="do not validate BIDS_DIR")
+
+    mod = parser.add_argument_group("models and estimators")
+    mod.add_argument("--models", nargs="+", choices=available_models(), metavar="MODEL",
+                     default=None,
+                     help=f"signal models, from {', '.join(available_models())} (default: all "
+                          "that the acquisition supports; a model named here that the "
+                          "acquisition cannot support is an error)")
+    mod.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                     default=list(METHODS),
+                     help=f"estimators, from {', '.join(METHODS)}")
+    mod.add_argument("--config", dest="config_file", type=Path, metavar="HYPERPARAMS.yaml",
+                     help="YAML overriding estimator hyper-parameters: {method or "
+                          "method@model: {option: value}} (defaults: "
+                          "vaemap_bids/data/hyperparameters.yaml)")
+    mod.add_argument("--seed", type=_nonnegative_int, default=0,
+                     help="random seed of every estimator (same seed and device, same maps)")
+
+    perf = parser.add_argument_group("resources and execution")
+    perf.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
+                      metavar="WORK_DIR", default=None,
+                      help="Nipype work dir: rerunning with the same one resumes a run "
+                           "(default: ./work, as fMRIPrep)")
+    perf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="torch device of the fits; 'cuda' without a GPU exits 75 (no "
+                           "fall-back); 'auto' uses a GPU when PyTorch sees one")
+    perf.add_argument("--nprocs", "--n-cpus", "--nthreads", dest="nprocs", type=_positive_int,
+                      default=None, help="processes Nipype runs at once (default: all CPUs)")
+    perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads",
+                      type=_positive_int, default=None,
+                      help="CPU threads of one fit (default: min(nprocs, 8))")
+    perf.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=_positive_float, default=None,
+                      help="memory budget of the run in GB (default: 90%% of the machine)")
+    perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=Path,
+                      metavar="PLUGIN.yml", default=None,
+                      help="Nipype plugin file, e.g. 'plugin: SLURMGraph' and 'plugin_args: "
+                           "{sbatch_args: ...}' (default: MultiProc)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse ``argv``; raises :class:`UsageError` (exit 64) on a malformed command line."""
+    return build_parser().parse_args(argv)
+
+
+__all__ = ["ANALYSIS_LEVELS", "UsageError", "build_parser", "parse_args", "EXIT_USAGE"]

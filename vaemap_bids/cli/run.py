@@ -1,0 +1,248 @@
+"""Entry point ``vaemap``: check everything, build the Nipype graph, run it, map errors to exit codes.
+
+Every problem the user can fix is reported as one line ``vaemap: error: <what>`` with the exit
+code of the BIDS-Apps execution spec (see :mod:`vaemap_bids.config`); ``-vv`` adds tracebacks.
+All input checks run before the graph is built, so a bad input never leaves partial outputs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ..config import (EXIT_CANTCREAT, EXIT_DATAERR, EXIT_FAILURE, EXIT_NO_DATA, EXIT_NOINPUT,
+                      EXIT_OK, EXIT_TEMPFAIL, EXIT_UNKNOWN_LEVEL, EXIT_USAGE, EXIT_VALIDATION,
+                      Config, VaemapError)
+from .parser import ANALYSIS_LEVELS, UsageError, parse_args
+
+log = logging.getLogger("vaemap")
+
+
+def main(argv=None) -> int:
+    """Run ``vaemap`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")  # no Nipype telemetry call
+    verbosity = 0
+    try:
+        try:
+            args = parse_args(argv)
+        except UsageError as exc:
+            raise VaemapError(f"{exc} (see vaemap --help)", EXIT_USAGE) from None
+        verbosity = args.verbosity
+        setup_logging(verbosity)
+        return run(args)
+    except VaemapError as exc:
+        if verbosity > 1:
+            log.exception("details")
+        print(f"vaemap: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vaemap: interrupted; rerun with the same work dir to resume", file=sys.stderr)
+        return 130
+
+
+def setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("vaemap: %(message)s" if verbosity < 2 else
+                                           "vaemap %(asctime)s %(name)s %(levelname)s: %(message)s"))
+    root = logging.getLogger("vaemap")
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _ensure_writable_dir(path: Path, what: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".vaemap-write-test-"):
+            pass
+    except OSError as exc:
+        raise VaemapError(f"{path}: cannot create or write the {what} ({exc.strerror or exc})",
+                          EXIT_CANTCREAT) from None
+
+
+def _labels(values, prefix: str) -> list[str]:
+    from ..dataset.bids import clean_label
+    out = []
+    for value in values or []:
+        try:
+            out.append(clean_label(value, prefix))
+        except ValueError as exc:
+            raise VaemapError(f"--{'participant' if prefix == 'sub' else 'session'}-label: {exc}",
+                              EXIT_USAGE) from None
+    return sorted(set(out))
+
+
+def _read_plugin(path: Path) -> tuple[str, dict]:
+    import yaml
+    if not path.is_file():
+        raise VaemapError(f"{path}: plugin file not found", EXIT_NOINPUT)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise VaemapError(f"{path}: cannot read the plugin file ({exc})", EXIT_USAGE) from None
+    if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
+        raise VaemapError(f"{path}: a plugin file needs 'plugin: NAME' (and optional "
+                          "'plugin_args: {...}')", EXIT_USAGE)
+    plugin_args = data.get("plugin_args") or {}
+    if not isinstance(plugin_args, dict):
+        raise VaemapError(f"{path}: 'plugin_args' must be a mapping", EXIT_USAGE)
+    return data["plugin"], plugin_args
+
+
+def build_config(args) -> Config:
+    """Check what the arguments point at and build the run's :class:`Config`."""
+    from ..fitting.options import load_config
+
+    bids_dir = Path(args.bids_dir).expanduser().resolve()
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise VaemapError(f"{args.bids_dir}: BIDS_DIR does not exist or is not a folder",
+                          EXIT_NOINPUT)
+    if _is_within(output_dir, bids_dir):
+        raise VaemapError(f"{args.output_dir}: OUTPUT_DIR must not be BIDS_DIR or inside it "
+                          "(vaemap never writes into the input dataset)", EXIT_USAGE)
+    work_dir = Path(args.work_dir or "work").expanduser().resolve()
+    if _is_within(work_dir, bids_dir):
+        raise VaemapError(f"{work_dir}: the work dir must not be inside BIDS_DIR", EXIT_USAGE)
+    for deriv in args.derivatives:
+        if not Path(deriv).is_dir():
+            raise VaemapError(f"{deriv}: --derivatives folder does not exist", EXIT_NOINPUT)
+    hyper = {}
+    if args.config_file is not None:
+        if not Path(args.config_file).is_file():
+            raise VaemapError(f"{args.config_file}: --config file not found", EXIT_NOINPUT)
+        try:
+            hyper = load_config(args.config_file)
+        except ValueError as exc:
+            raise VaemapError(str(exc), EXIT_USAGE) from None
+    plugin, plugin_args = "MultiProc", {}
+    if args.use_plugin is not None:
+        plugin, plugin_args = _read_plugin(Path(args.use_plugin))
+    from ..physics import available_models
+    return Config(
+        bids_dir=str(bids_dir), output_dir=str(output_dir), analysis_level=args.analysis_level,
+        participant_label=_labels(args.participant_label, "sub"),
+        session_label=_labels(args.session_label, "ses"),
+        models=list(dict.fromkeys(args.models)) if args.models else available_models(),
+        models_explicit=bool(args.models), methods=list(dict.fromkeys(args.methods)),
+        work_dir=str(work_dir), device=args.device, nprocs=args.nprocs or 0,
+        omp_nthreads=args.omp_nthreads or 0, mem_gb=args.mem_gb or 0.0, seed=args.seed,
+        config_file=str(Path(args.config_file).resolve()) if args.config_file else "",
+        hyperparameters=hyper, derivatives=[str(Path(d).resolve()) for d in args.derivatives],
+        plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
+        verbosity=args.verbosity)
+
+
+def resolve_device(config: Config) -> None:
+    from ..fitting import DeviceUnavailableError, resolve_device as _resolve
+    try:
+        config.resolved_device = str(_resolve(config.device))
+    except DeviceUnavailableError as exc:
+        raise VaemapError(f"{exc} (no fall-back to CPU: use --device cpu or auto)",
+                          EXIT_TEMPFAIL) from None
+
+
+# ---- participant level -----------------------------------------------------------------------
+
+def plan_all(config: Config):
+    """Find the selected series and check each one (in parallel threads: the checks stream
+    through every image once, and zlib releases the GIL)."""
+    from ..dataset.bids import NoMatchingData, collect_dwi_series, plan_series
+
+    try:
+        series = collect_dwi_series(config.bids_dir, config.participant_label, config.session_label)
+    except NoMatchingData as exc:
+        raise VaemapError(str(exc), EXIT_NO_DATA) from None
+    except ValueError as exc:
+        raise VaemapError(str(exc), EXIT_DATAERR) from None
+
+    def check(one):
+        try:
+            return plan_series(one, config.models, config.models_explicit, config.derivatives)
+        except FileNotFoundError as exc:
+            return VaemapError(str(exc).strip("'\""), EXIT_NOINPUT)
+        except ValueError as exc:
+            return VaemapError(str(exc), EXIT_DATAERR)
+
+    with ThreadPoolExecutor(max_workers=min(len(series), config.effective_nprocs())) as pool:
+        results = list(pool.map(check, series))
+    for result in results:
+        if isinstance(result, VaemapError):
+            raise result
+    return results
+
+
+def run(args) -> int:
+    if args.analysis_level not in ANALYSIS_LEVELS:
+        raise VaemapError(f"unknown analysis level {args.analysis_level!r}; choose participant "
+                          "or group", EXIT_UNKNOWN_LEVEL)
+    config = build_config(args)
+    if config.analysis_level == "group":
+        log.info("the group level has nothing to do yet: group tables and reports are not part "
+                 "of this version (participant outputs are in %s)", config.output_dir)
+        return EXIT_OK
+    resolve_device(config)
+    _ensure_writable_dir(Path(config.output_dir), "output dir")
+    _ensure_writable_dir(Path(config.work_dir), "work dir")
+
+    if config.skip_bids_validation:
+        config.validator = "skipped (--skip-bids-validation)"
+    else:
+        from ..dataset.bids import ValidationFailed, validate_dataset
+        try:
+            config.validator = validate_dataset(config.bids_dir, config.work_dir)
+        except ValidationFailed as exc:
+            raise VaemapError(str(exc), EXIT_VALIDATION) from None
+    plans = plan_all(config)
+    for plan in plans:
+        for model, decision in plan.models.items():
+            if decision.status == "skipped":
+                log.info("%s: %s skipped: %s", plan.series.prefix, model, decision.reason)
+
+    from ..dataset.derivatives import write_dataset_files
+    try:
+        write_dataset_files(config.output_dir, config.seed, config.bids_dir)
+        toml = config.write_toml(config.toml_path())
+    except OSError as exc:
+        raise VaemapError(f"cannot write the output dataset files ({exc})", EXIT_CANTCREAT) from None
+    log.info("settings written to %s", toml)
+
+    from ..workflows.base import configure_nipype, init_vaemap_wf, run_vaemap_wf
+    configure_nipype(config)
+    wf = init_vaemap_wf(config, plans)
+    log.info("device %s; %d series; models/methods: %s", config.resolved_device, len(plans),
+             ", ".join(f"{p.series.prefix}: {'+'.join(p.models_to_run()) or 'none'}" for p in plans))
+    try:
+        run_vaemap_wf(wf, config)
+    except RuntimeError as exc:
+        crash_dir = Path(config.output_dir) / "logs"
+        crashes = sorted(crash_dir.glob("crash-*"), key=lambda p: p.stat().st_mtime)
+        where = f"; crash files in {crash_dir}" if crashes else ""
+        raise VaemapError(f"the workflow failed ({str(exc).splitlines()[0]}){where}",
+                          EXIT_FAILURE) from None
+    finish_participants(config, plans)
+    return EXIT_OK
+
+
+def finish_participants(config: Config, plans) -> None:
+    """After the graph: say where the outputs are. The participant reports (issue 4) hook in
+    here, given OUTPUT_DIR and each subject label."""
+    from .. import naming
+    for plan in plans:
+        ents = plan.series.entities
+        log.info("%s: maps in %s, run records in %s", plan.series.prefix,
+                 Path(config.output_dir) / naming.dwi_dir(ents),
+                 Path(config.output_dir) / naming.log_dir(ents))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

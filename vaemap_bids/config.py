@@ -1,0 +1,147 @@
+"""One settings object for a run, written as TOML into the work dir (to resume and to audit).
+
+Only ``vaemap_bids.cli`` and this module read the command line or the environment; everything
+else receives a :class:`Config` (or plain values taken from it).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+
+# ---- exit codes (BIDS-Apps execution spec; sysexits.h) ---------------------------------------
+EXIT_OK = 0
+EXIT_FAILURE = 1            # a node of the graph failed (see its crash file)
+EXIT_VALIDATION = 16        # the input dataset is not valid BIDS
+EXIT_UNKNOWN_LEVEL = 17     # analysis level is not participant or group
+EXIT_NO_DATA = 18           # no matching participant, session or DWI series
+EXIT_USAGE = 64             # bad command line
+EXIT_DATAERR = 65           # input data are wrong (bval/bvec/image), or cannot support a model asked for
+EXIT_NOINPUT = 66           # an input file or folder does not exist
+EXIT_CANTCREAT = 73         # the output or work dir cannot be created or written
+EXIT_TEMPFAIL = 75          # a resource is not there now (the GPU asked for)
+
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "a processing step failed (its crash file is named in the log)",
+    EXIT_VALIDATION: "BIDS validation failed",
+    EXIT_UNKNOWN_LEVEL: "unknown analysis level",
+    EXIT_NO_DATA: "no matching participant, session or data",
+    EXIT_USAGE: "usage error",
+    EXIT_DATAERR: "bad input data",
+    EXIT_NOINPUT: "missing input",
+    EXIT_CANTCREAT: "cannot create output",
+    EXIT_TEMPFAIL: "temporary failure (e.g. the GPU asked for is not available)",
+}
+
+
+class VaemapError(Exception):
+    """An error reported to the user as one line with an exit code (no traceback)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = int(exit_code)
+
+
+@dataclass
+class Config:
+    """Everything a run needs; built by the CLI from argv, or by tests and other callers."""
+
+    bids_dir: str
+    output_dir: str
+    analysis_level: str = "participant"
+    participant_label: list[str] = field(default_factory=list)
+    session_label: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["msdki", "ballstick"])
+    models_explicit: bool = False
+    methods: list[str] = field(default_factory=lambda: ["lsq", "ssl", "vaeunig", "vaegmm"])
+    work_dir: str = ""
+    device: str = "auto"            # as asked for
+    resolved_device: str = ""       # cpu or cuda after resolving "auto"
+    nprocs: int = 0                 # 0 = every CPU
+    omp_nthreads: int = 0           # 0 = min(nprocs, 8)
+    mem_gb: float = 0.0             # 0 = 90 % of the machine's memory
+    seed: int = 0
+    config_file: str = ""
+    hyperparameters: dict = field(default_factory=dict)
+    derivatives: list[str] = field(default_factory=list)
+    plugin: str = "MultiProc"
+    plugin_args: dict = field(default_factory=dict)
+    skip_bids_validation: bool = False
+    validator: str = ""
+    verbosity: int = 0
+    run_uuid: str = field(default_factory=lambda: (
+        f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"))
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(
+        timespec="seconds"))
+    version: str = __version__
+
+    # ---- derived settings -------------------------------------------------------------------
+    def effective_nprocs(self) -> int:
+        return self.nprocs if self.nprocs > 0 else (os.cpu_count() or 1)
+
+    def effective_omp_nthreads(self) -> int:
+        n = self.omp_nthreads if self.omp_nthreads > 0 else min(self.effective_nprocs(), 8)
+        return max(1, min(n, self.effective_nprocs()))
+
+    def effective_mem_gb(self) -> float:
+        if self.mem_gb > 0:
+            return float(self.mem_gb)
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3
+        except (ValueError, OSError, AttributeError):
+            total = 8.0
+        return round(0.9 * total, 2)
+
+    @property
+    def uses_gpu(self) -> bool:
+        return self.resolved_device.startswith("cuda")
+
+    def nipype_plugin_args(self) -> dict:
+        """Plugin arguments: ours for MultiProc/LegacyMultiProc, the user's plugin file on top."""
+        args: dict = {}
+        if self.plugin in ("MultiProc", "LegacyMultiProc"):
+            args = {"n_procs": self.effective_nprocs(), "memory_gb": self.effective_mem_gb(),
+                    "raise_insufficient": True}
+            if self.uses_gpu:
+                # one training per GPU at a time; nvidia-smi may be missing in containers, so
+                # count the GPUs PyTorch sees instead of Nipype's default probe
+                import torch
+                args["n_gpu_procs"] = max(1, torch.cuda.device_count())
+        args.update(self.plugin_args)
+        return args
+
+    # ---- TOML --------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_toml(self, path) -> Path:
+        """Write the settings as TOML (atomically); returns the path."""
+        import tomli_w
+
+        from .dataset.derivatives import write_text_atomic
+        data = {"vaemap": _drop_none(self.to_dict())}
+        return write_text_atomic(path, tomli_w.dumps(data))
+
+    @classmethod
+    def from_toml(cls, path) -> "Config":
+        import tomllib
+        data = tomllib.loads(Path(path).read_text())["vaemap"]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def toml_path(self) -> Path:
+        return Path(self.work_dir) / f"config-{self.run_uuid}.toml"
+
+
+def _drop_none(obj):
+    if isinstance(obj, dict):
+        return {str(k): _drop_none(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, (list, tuple)):
+        return [_drop_none(v) for v in obj if v is not None]
+    return obj
+

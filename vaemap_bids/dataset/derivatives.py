@@ -1,0 +1,221 @@
+"""Write the derivatives dataset: atomic file writes, sidecars, dataset_description, run records.
+
+Plain functions (arrays and dicts in, files out); the Nipype interfaces only call them. Every
+file is written to a hidden temporary name in its final folder and renamed, so a crash never
+leaves a half-written output and readers never see one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib.resources import files
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from .. import __version__, naming
+
+CODE_URL = "https://github.com/vaemap/vaemap"
+PAPER_URL = "https://arxiv.org/abs/2411.10772"
+
+#: What each estimator is, for the sidecars' ``Model.FitMethod`` text.
+METHOD_DESCRIPTIONS = {
+    "lsq": "Voxelwise non-linear least squares.",
+    "ssl": ("Voxelwise self-supervised network (Lim et al. 2022): an MLP maps each voxel's "
+            "signal to the model's parameters; the loss compares the model's predicted signal "
+            "with the measured one."),
+    "vaeunig": ("Self-supervised variational autoencoder with a univariate Gaussian latent prior "
+                "(Xu et al., arXiv:2411.10772); maps are the decoder's output at the posterior mean."),
+    "vaegmm": ("Self-supervised variational autoencoder with a Gaussian-mixture latent prior "
+               "(Xu et al., arXiv:2411.10772); maps are the decoder's output at the posterior "
+               "mean, and the mixture responsibilities give a soft clustering of the voxels."),
+}
+
+
+# ---- atomic writes ---------------------------------------------------------------------------
+
+def _temp_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> Path:
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    return path
+
+
+def write_bytes_atomic(path, data: bytes) -> Path:
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        tmp.write_bytes(data)
+        return _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable)
+                             + "\n")
+
+
+def write_nifti_atomic(path, img: nib.Nifti1Image) -> Path:
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        nib.save(img, str(tmp))
+        return _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_npz_atomic(path, **arrays) -> Path:
+    path = Path(path)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as fobj:
+            np.savez_compressed(fobj, **arrays)
+        return _commit(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+def image_like(data: np.ndarray, reference: nib.Nifti1Image, dtype=np.float32) -> nib.Nifti1Image:
+    """A NIfTI on the reference's grid (affine, qform/sform codes, spatial units)."""
+    data = np.asarray(data, dtype=dtype)
+    img = nib.Nifti1Image(data, reference.affine)
+    ref = reference.header
+    img.header.set_qform(ref.get_qform(), int(ref["qform_code"]))
+    img.header.set_sform(ref.get_sform(), int(ref["sform_code"]))
+    img.header.set_xyzt_units(xyz=ref.get_xyzt_units()[0])
+    img.set_data_dtype(dtype)
+    return img
+
+
+# ---- dataset level ---------------------------------------------------------------------------
+
+def dataset_description(seed: int, source_dir=None) -> dict:
+    """``dataset_description.json`` of the output dataset."""
+    desc = {
+        "Name": "vaemap: diffusion-MRI parameter maps",
+        "BIDSVersion": "1.10.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [{
+            "Name": "vaemap",
+            "Version": __version__,
+            "CodeURL": CODE_URL,
+            "Description": f"Parameter maps from physics-informed VAEs and baselines; seed {seed}.",
+        }],
+        "HowToAcknowledge": f"Cite Xu et al., {PAPER_URL}, and the software listed in the reports.",
+        "vaemap": {"seed": int(seed)},
+    }
+    if source_dir is not None:
+        desc["SourceDatasets"] = [{"URL": Path(source_dir).resolve().as_uri()}]
+    return desc
+
+
+def bidsignore_text() -> str:
+    return (files("vaemap_bids") / "data" / "bidsignore").read_text()
+
+
+def write_dataset_files(output_dir, seed: int, source_dir=None) -> None:
+    """``dataset_description.json`` and ``.bidsignore`` (the model-/param- names of BEP016 are
+    not in the validator's schema yet)."""
+    output_dir = Path(output_dir)
+    write_json_atomic(output_dir / "dataset_description.json", dataset_description(seed, source_dir))
+    write_text_atomic(output_dir / ".bidsignore", bidsignore_text())
+
+
+# ---- sidecars --------------------------------------------------------------------------------
+
+def model_block(model_info: dict, method: str, hyperparameters: dict) -> dict:
+    """The BEP016 ``Model`` object: what was fitted and how."""
+    return {
+        "Name": model_info["Name"],
+        "LongName": model_info.get("LongName"),
+        "Description": model_info["Description"],
+        "URL": model_info["URL"],
+        "Citation": model_info.get("Citation"),
+        "FitMethod": method,
+        "FitMethodDescription": METHOD_DESCRIPTIONS.get(method, method),
+        "Parameters": hyperparameters,
+    }
+
+
+def map_sidecar(model_info: dict, method: str, hyperparameters: dict, param: str, *,
+                sources: list[str], seed: int, device: str, stat: str | None = None,
+                direction_reference: str | None = None) -> dict:
+    """Sidecar of one parameter map (``stat='std'`` for its posterior standard deviation)."""
+    spec = model_info["Parameters"][param]
+    side = {
+        "Model": model_block(model_info, method, hyperparameters),
+        "Description": spec["Description"],
+        "Units": spec["Units"],
+        "Bounds": spec["Bounds"],
+    }
+    if stat == naming.STD_STAT:
+        side["Description"] = (f"Posterior standard deviation of: {spec['Description']} "
+                               "(from samples of the latent posterior, decoded)")
+    if direction_reference is not None:
+        side["OrientationEncoding"] = {"Type": "unit3vector", "Reference": direction_reference}
+        side["Description"] += (f" (unit vector in the image's {direction_reference} axes; "
+                                "n and -n are the same fibre)")
+    side.update({"Sources": sources, "RandomSeed": int(seed), "Device": device})
+    return side
+
+
+def nrmse_sidecar(model_info: dict, method: str, hyperparameters: dict, *, sources, seed,
+                  device, n_measurements: int) -> dict:
+    return {
+        "Model": model_block(model_info, method, hyperparameters),
+        "Description": ("Normalised root-mean-square residual: RMS(measured - predicted S/S0) / "
+                        f"RMS(measured S/S0) over the {n_measurements} volumes the model uses"),
+        "Units": "arbitrary",
+        "Sources": sources, "RandomSeed": int(seed), "Device": device,
+    }
+
+
+def dseg_sidecar(model_info: dict, method: str, hyperparameters: dict, n_components: int, *,
+                 sources, seed, device, probabilistic: bool) -> dict:
+    what = ("Responsibilities q(y|S) of the vaegmm mixture components, one volume per component"
+            if probabilistic else
+            "Hard clustering: the vaegmm mixture component with the largest responsibility "
+            "(1..K; 0 outside the mask), labels in the _dseg.tsv")
+    return {"Model": model_block(model_info, method, hyperparameters), "Description": what,
+            "NumberOfComponents": int(n_components), "Sources": sources,
+            "RandomSeed": int(seed), "Device": device}
+
+
+def dseg_tsv(n_components: int) -> str:
+    """The ``_dseg.tsv`` lookup table of the cluster labels."""
+    rows = ["index\tname"] + [f"{k + 1}\tcomponent{k + 1}" for k in range(n_components)]
+    return "\n".join(rows) + "\n"
+
+
+def mask_sidecar(source: str, sources: list[str]) -> dict:
+    return {"Type": "Brain", "Description": f"Brain mask ({source})", "Sources": sources}

@@ -1,0 +1,100 @@
+"""The Nipype interface of one (model, method) fit: signals file in, estimates file out.
+
+The node exposes ``use_gpu`` so that Nipype's MultiProc (``n_gpu_procs``) never runs two GPU fits
+at once on one GPU. ``use_gpu``, ``num_threads`` and ``progress`` do not enter the node's hash:
+changing them on a rerun re-uses a finished fit.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    traits)
+
+from ..dataset.signals import fit_quality
+from ..physics import Acquisition, make_model
+
+
+def load_signals(path) -> tuple[np.ndarray, Acquisition]:
+    with np.load(path) as data:
+        return data["signals"], Acquisition(data["bvals"], data["bvecs"])
+
+
+class _FitInputSpec(BaseInterfaceInputSpec):
+    signals_file = File(exists=True, mandatory=True, desc="npz written by LoadSignals")
+    model = traits.Str(mandatory=True, desc="signal model name (msdki, ballstick, ...)")
+    method = traits.Enum("lsq", "ssl", "vaeunig", "vaegmm", mandatory=True)
+    options = traits.Str("{}", usedefault=True, desc="resolved hyper-parameters, sorted JSON")
+    device = traits.Str("cpu", usedefault=True, desc="torch device (resolved: cpu, cuda, cuda:N)")
+    seed = traits.Int(0, usedefault=True)
+    use_gpu = traits.Bool(False, usedefault=True, nohash=True,
+                          desc="Nipype MultiProc: this node occupies a GPU slot")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads")
+    progress = traits.Bool(False, usedefault=True, nohash=True, desc="show a progress bar")
+
+
+class _FitOutputSpec(TraitedSpec):
+    fit_file = File(exists=True, desc="npz: params, valid, nrmse, invalid, at_bound, and std, "
+                                      "responsibilities, latent_mean where the method has them")
+    record_file = File(exists=True, desc="json: hyper-parameters, history, timings, counts")
+
+
+class FitModel(SimpleInterface):
+    """``vaemap_bids.fitting.fit`` on the signals of one series."""
+
+    input_spec = _FitInputSpec
+    output_spec = _FitOutputSpec
+
+    def _run_interface(self, runtime):
+        import torch
+
+        from ..fitting import fit
+
+        torch.set_num_threads(max(1, self.inputs.num_threads))
+        signals, acq = load_signals(self.inputs.signals_file)
+        model = make_model(self.inputs.model, acq)
+        result = fit(model, signals, self.inputs.method, device=self.inputs.device,
+                     seed=self.inputs.seed, options=json.loads(self.inputs.options),
+                     progress=self.inputs.progress)
+        quality = fit_quality(model, signals, result.params, result.valid)
+        arrays = {"params": result.params, "valid": result.valid, **quality}
+        for name in ("std", "responsibilities", "latent_mean"):
+            value = getattr(result, name)
+            if value is not None:
+                arrays[name] = value
+        fit_file = os.path.join(runtime.cwd, "fit.npz")
+        np.savez(fit_file, **arrays)
+        fitted = result.valid & np.all(np.isfinite(result.params), axis=1)
+        nrmse_fitted = quality["nrmse"][fitted]
+        record = {
+            "model": self.inputs.model,
+            "method": self.inputs.method,
+            "hyperparameters": result.hyperparameters,
+            "history": result.history,
+            "timings": result.timings,
+            "device": result.device,
+            "seed": result.seed,
+            "n_voxels": int(fitted.sum()),
+            "n_excluded": int((~result.valid).sum()),
+            "n_invalid": int(quality["invalid"].sum()),
+            "n_at_bound": int(quality["at_bound"].sum()),
+            "nrmse_median": float(np.median(nrmse_fitted)) if nrmse_fitted.size else None,
+            "nrmse_mean": float(np.mean(nrmse_fitted)) if nrmse_fitted.size else None,
+            "n_measurements": int(model.n_measurements),
+        }
+        record_file = os.path.join(runtime.cwd, "fit_record.json")
+        with open(record_file, "w") as fobj:
+            json.dump(record, fobj, default=_plain)
+        self._results["fit_file"] = fit_file
+        self._results["record_file"] = record_file
+        return runtime
+
+
+def _plain(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return str(obj)

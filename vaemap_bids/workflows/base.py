@@ -1,0 +1,52 @@
+"""The top of the graph: one sub-workflow per DWI series, run by a Nipype plugin."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from ..config import Config
+from ..dataset.bids import SeriesPlan
+from .participant import init_single_subject_wf
+
+log = logging.getLogger("vaemap.workflow")
+
+
+def init_vaemap_wf(config: Config, plans: list[SeriesPlan]) -> pe.Workflow:
+    """``vaemap_wf`` with one :func:`init_single_subject_wf` per series, based in the work dir."""
+    wf = pe.Workflow(name="vaemap_wf", base_dir=str(Path(config.work_dir).resolve()))
+    for plan in plans:
+        wf.add_nodes([init_single_subject_wf(plan, config)])
+    return wf
+
+
+def configure_nipype(config: Config, resource_monitor: bool = False) -> None:
+    """Nipype's global settings for this run: crash files in ``OUTPUT_DIR/logs``, no telemetry."""
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    crash_dir = Path(config.output_dir).resolve() / "logs"
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    ncfg.update_config({
+        "execution": {"crashdump_dir": str(crash_dir), "crashfile_format": "txt",
+                      "stop_on_first_crash": False, "remove_unnecessary_outputs": False,
+                      "check_version": False, "create_report": True,
+                      "parameterize_dirs": False, "poll_sleep_duration": 0.2},
+        "logging": {"log_to_file": False,
+                    "workflow_level": "INFO" if config.verbosity > 0 else "WARNING",
+                    "interface_level": "INFO" if config.verbosity > 1 else "WARNING",
+                    "utils_level": "WARNING"},
+        "monitoring": {"enabled": bool(resource_monitor), "sample_frequency": "0.5",
+                       "summary_append": False},
+    })
+    if resource_monitor:
+        ncfg.enable_resource_monitor()
+    nlogging.update_logging(ncfg)
+
+
+def run_vaemap_wf(wf: pe.Workflow, config: Config):
+    """Run the graph with the configured plugin; returns Nipype's execution graph."""
+    args = config.nipype_plugin_args()
+    log.info("running %s with %s %s", wf.name, config.plugin, args)
+    return wf.run(plugin=config.plugin, plugin_args=args)
