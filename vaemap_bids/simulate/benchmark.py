@@ -59,8 +59,8 @@ QUICK = {"n_voxels": 300, "snrs": (20.0,), "seeds": (0,), "epochs": 2}
 LATENT_KEYS = ("latent_dim", "latent_dims", "n_latent", "z_dim")
 BETA_KEYS = ("beta", "kl_weight", "beta_final", "beta_max")
 SWEEP_METHODS = ("vaeunig", "vaegmm")
-DEFAULT_LATENT_DIMS = (1, 2, 5, 10)
-DEFAULT_BETAS = (0.001, 0.01, 0.1, 1.0)
+DEFAULT_LATENT_DIMS = (1, 2, 4, 8, 16)
+DEFAULT_BETAS = (1e-5, 1e-4, 1e-3, 1e-2)
 CLUSTER_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
 
@@ -388,6 +388,10 @@ def scatter_figure(est: dict, snr: float, params: dict, bounds: tuple):
                              squeeze=False)
     truth, labels = est["truth"], est["labels"]
     lo, hi = bounds
+    # one range per column, shared by every method, so that rows compare at a glance
+    tops = [max([float(np.nanmax(truth[:, j]))]
+                + [float(np.nanmax(p[:, j])) for p in est["methods"].values() if np.isfinite(p[:, j]).any()])
+            for j in range(len(labs))]
     for i, m in enumerate(methods):
         for j, lab in enumerate(labs):
             ax = axes[i, j]
@@ -396,8 +400,7 @@ def scatter_figure(est: dict, snr: float, params: dict, bounds: tuple):
                 sel = labels == c
                 ax.scatter(truth[sel, j], pred[sel], s=2, alpha=0.35, lw=0,
                            color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)], label=name, rasterized=True)
-            top = float(max(np.nanmax(truth[:, j]), np.nanmax(pred) if np.isfinite(pred).any() else 0))
-            edge = [min(lo[j], 0.0), min(hi[j], 1.05 * top)]
+            edge = [min(lo[j], 0.0), min(hi[j], 1.05 * tops[j])]
             ax.plot(edge, edge, "k--", lw=0.8)
             ax.set_xlim(edge)
             ax.set_ylim(edge)
@@ -463,6 +466,15 @@ def run_sweep(methods=SWEEP_METHODS, latent_dims=DEFAULT_LATENT_DIMS, betas=DEFA
                                  "option_keys": {m: {"latent": k[0], "beta": k[1]} for m, k in keys.items()}},
                "versions": versions(), "machine": machine(dev),
                "parameters": {lab: SYMBOLS.get(lab, lab) for lab in param_labels}, "runs": []}
+    results["warnings"] = []
+    for m in methods:
+        opts = resolve_options(config, m, epochs)
+        ramp = int(opts.get("warmup_epochs", 0)) + int(opts.get("ramp_epochs", 0))
+        if int(opts.get("epochs", ramp + 1)) <= ramp:
+            results["warnings"].append(
+                f"{m}: {opts['epochs']} epochs <= KL warm-up + ramp ({ramp}): the KL weight never "
+                "reaches its final value, so the KL-weight axis of the sweep is not meaningful")
+            log.warning(results["warnings"][-1])
     scatter: dict = {}
     for seed in seeds:
         sim = simulate_clusters(acq, n_voxels, snr, seed, model=model)
@@ -511,8 +523,8 @@ def sweep_markdown(results: dict) -> str:
     lines = ["# vaemap-sim --sweep: latent dimension x KL weight (paper Fig. 6)", "",
              f"SNR {cfg['snr']:g}, {cfg['n_voxels']} voxels, seeds {cfg['seeds']}, device "
              f"{cfg['device']}. Pooled RMSE and Pearson r, mean ± sd over seeds.", "",
-             results["note"], "",
-             "| method | latent dim | KL weight | " + " | ".join(f"RMSE {s}" for s in params.values())
+             results["note"], ""] + [f"**Warning:** {w}" for w in results.get("warnings", [])] + [
+             "", "| method | latent dim | KL weight | " + " | ".join(f"RMSE {s}" for s in params.values())
              + " | " + " | ".join(f"r {s}" for s in params.values()) + " |",
              "|---" * (3 + 2 * len(params)) + "|"]
     for row in results.get("summary", []):
@@ -524,8 +536,9 @@ def sweep_markdown(results: dict) -> str:
 
 
 def sweep_figure(results: dict, scatter: dict):
-    """Heat maps of pooled RMSE (rows: methods, columns: parameters), baselines in the titles,
-    and, for D, the truth-vs-estimate scatter of every grid point of the first method."""
+    """Top: heat maps of pooled RMSE over latent dimension x KL weight (rows: methods, columns:
+    parameters), the baselines' RMSE in the title. Bottom (the paper's Fig. 6): truth against
+    estimate of D for every grid point of the first method, the first baseline in the left column."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -535,44 +548,59 @@ def sweep_figure(results: dict, scatter: dict):
     methods, lds, betas = cfg["methods"], cfg["latent_dims"], cfg["betas"]
     labs = list(params)
     table = {(r["method"], r["latent_dim"], r["beta"]): r for r in results["summary"]}
-    base = "; ".join(f"{b}: " + ", ".join(f"{params[lab]} {table[(b, None, None)]['rmse'][lab]['mean']:.3f}"
-                                         for lab in labs)
-                     for b in cfg["baselines"] if (b, None, None) in table)
-    n_rows = len(methods) + 1
-    fig = plt.figure(figsize=(max(4.0 * len(labs), 2.2 * len(betas)), 3.4 * n_rows + 2.2 * len(lds)))
-    outer = fig.add_gridspec(2, 1, height_ratios=[3.4 * len(methods), 2.2 * len(lds)], hspace=0.35)
-    top = outer[0].subgridspec(len(methods), len(labs), wspace=0.35, hspace=0.5)
+    bases = [b for b in cfg["baselines"] if (b, None, None) in table]
+    base_text = "; ".join(f"{b}: " + ", ".join(
+        f"{params[lab]} {table[(b, None, None)]['rmse'][lab]['mean']:.3f}" for lab in labs) for b in bases)
+    n_cols = len(betas) + (1 if bases else 0)
+    width = max(4.2 * len(labs), 2.1 * n_cols)
+    top_h, bottom_h = 2.6 * len(methods), 2.1 * len(lds)
+    fig = plt.figure(figsize=(width, top_h + bottom_h + 0.6), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[top_h, bottom_h])
+    top.suptitle(f"Pooled RMSE at SNR {cfg['snr']:g}" + (f" (baselines: {base_text})" if base_text else ""),
+                 fontsize=9)
+    axes = top.subplots(len(methods), len(labs), squeeze=False)
     for i, m in enumerate(methods):
         for j, lab in enumerate(labs):
-            ax = fig.add_subplot(top[i, j])
+            ax = axes[i, j]
             grid = np.array([[table[(m, ld, be)]["rmse"][lab]["mean"] for be in betas] for ld in lds])
             im = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+            mid = np.nanmean(grid)
             for a in range(len(lds)):
-                for b in range(len(betas)):
-                    ax.text(b, a, f"{grid[a, b]:.3f}", ha="center", va="center", fontsize=7, color="w")
+                for b in range(len(betas)):  # dark text on the light (low) end of viridis_r
+                    ax.text(b, a, f"{grid[a, b]:.3f}", ha="center", va="center", fontsize=7,
+                            color="k" if grid[a, b] <= mid else "w")
             ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=7)
             ax.set_yticks(range(len(lds)), [str(d) for d in lds], fontsize=7)
             ax.set_xlabel("KL weight", fontsize=8)
             ax.set_ylabel("latent dim", fontsize=8)
-            ax.set_title(f"{m}: pooled RMSE {params[lab]}", fontsize=9)
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"SNR {cfg['snr']:g}. Baselines: {base}", fontsize=9)
-    bottom = outer[1].subgridspec(len(lds), len(betas), wspace=0.3, hspace=0.45)
+            ax.set_title(f"{m}: RMSE {params[lab]}", fontsize=9)
+            top.colorbar(im, ax=ax, fraction=0.05)
     m0 = methods[0]
+    bottom.suptitle(f"{m0}: true (x) against estimated (y) {params[labs[0]]}", fontsize=9)
+    axes = bottom.subplots(len(lds), n_cols, squeeze=False, sharex=True, sharey=True)
     truth, labels = scatter["truth"], scatter["labels"]
+
+    def panel(ax, pred, title):
+        for c in range(len(scatter["cluster_names"])):
+            sel = labels == c
+            ax.scatter(truth[sel, 0], pred[sel], s=1, alpha=0.3, lw=0,
+                       color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)], rasterized=True)
+        ax.plot([0, 3.5], [0, 3.5], "k--", lw=0.6)
+        ax.set_xlim(0, 3.5)
+        ax.set_ylim(0, 3.5)
+        ax.set_title(title, fontsize=7)
+        ax.tick_params(labelsize=6)
+
+    off = 1 if bases else 0
     for a, ld in enumerate(lds):
+        if bases:
+            if a == 0:
+                panel(axes[0, 0], scatter[(bases[0], None, None)][:, 0], bases[0])
+                axes[0, 0].tick_params(labelbottom=True)  # the panels below it are hidden
+            else:
+                axes[a, 0].axis("off")
         for b, be in enumerate(betas):
-            ax = fig.add_subplot(bottom[a, b])
-            pred = scatter[(m0, ld, be)][:, 0]
-            for c in range(len(scatter["cluster_names"])):
-                sel = labels == c
-                ax.scatter(truth[sel, 0], pred[sel], s=1, alpha=0.3, lw=0,
-                           color=CLUSTER_COLOURS[c % len(CLUSTER_COLOURS)], rasterized=True)
-            ax.plot([0, 3.5], [0, 3.5], "k--", lw=0.6)
-            ax.set_xlim(0, 3.5)
-            ax.set_ylim(0, 3.5)
-            ax.set_title(f"{m0} D: latent {ld}, KL {be:g}", fontsize=7)
-            ax.tick_params(labelsize=6)
+            panel(axes[a, b + off], scatter[(m0, ld, be)][:, 0], f"latent {ld}, KL {be:g}")
     return fig
 
 
