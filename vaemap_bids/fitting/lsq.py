@@ -1,0 +1,547 @@
+"""Per-voxel non-linear least squares (method ``lsq``).
+
+Our own solver is a batched Levenberg-Marquardt in torch: every voxel is an independent small
+problem with its own damping, all voxels of a chunk advance together, and voxels that have
+converged leave the active set so that the work shrinks as the fit goes. The solver optimises
+the model's unconstrained ``raw`` vector and reports ``model.squash(raw)``, so every estimate is
+inside the bounds and exactly what produced the fitted signal (MS-DKI stays physical).
+
+- MS-DKI is isotropic, so the per-volume sum of squares equals a count-weighted sum of squares
+  of the shell means (plus a constant): the fit runs on the shell means, started from the
+  closed-form log-linear solution.
+- Ball-stick uses an analytic Jacobian, a DTI principal eigenvector as the start direction and a
+  grid over (Dpar, Diso) with the best fraction in closed form for each point; the ``n_starts``
+  best grid points are refined and the best end point is kept.
+- Any other registered model falls back on forward-mode automatic differentiation
+  (``torch.func.jvp``) from the middle of its bounds plus seeded random starts.
+
+``solver: reference`` runs the peers instead (dipy for MS-DKI, classic dmipy for ball-stick; see
+:mod:`vaemap_bids.fitting.reference`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..physics.acquisition import Acquisition
+from ..physics.ballstick import BallStick
+from ..physics.base import SignalModel
+from ..physics.msdki import VALIDITY_MARGIN, MeanSignalDKI
+from .base import FitResult, scatter_rows
+from .options import method_options
+
+log = logging.getLogger("vaemap.fitting.lsq")
+
+SOLVERS = ("torch", "reference")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: |raw| limit of the scalar parameters: sigmoid(15) = 1 - 3e-7, i.e. on the bound; without a
+#: limit a parameter that belongs on a bound walks to infinity in ever larger steps.
+RAW_LIMIT = 15.0
+LAMBDA_START = 1e-2
+LAMBDA_MIN = 1e-7
+LAMBDA_MAX = 1e7
+#: Damping floor relative to the largest curvature, so that flat directions (a direction vector's
+#: length, a saturated sigmoid) never make the damped system singular.
+DIAG_FLOOR = 1e-6
+
+# A residual evaluator: (raw of some rows, those row indices) -> (residuals (n, M), transposed
+# Jacobian of the residuals with respect to the local step coordinates (n, P, M)).
+Evaluator = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# A retraction: (raw (n, R), step (n, P)) -> the raw reached by that step (n, R).
+Retraction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+def resolve_options(model: SignalModel, options: dict | None) -> dict:
+    """The ``lsq`` defaults for ``model`` updated with ``options``, checked."""
+    opts = method_options("lsq", options, model.name)
+    if opts["solver"] not in SOLVERS:
+        raise ValueError(f"lsq option solver={opts['solver']!r}; choose from {list(SOLVERS)}")
+    if opts["dtype"] not in DTYPES:
+        raise ValueError(f"lsq option dtype={opts['dtype']!r}; choose from {list(DTYPES)}")
+    for key in ("max_iter", "n_starts", "batch_size"):
+        value = opts[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"lsq option {key} must be a positive integer, got {value!r}")
+    if not float(opts["tolerance"]) > 0:
+        raise ValueError(f"lsq option tolerance must be positive, got {opts['tolerance']!r}")
+    for key in ("grid_dpar", "grid_diso"):
+        grid = np.asarray(opts[key], dtype=float)
+        if grid.ndim != 1 or grid.size < 1 or not np.all(np.isfinite(grid)) or np.any(grid <= 0):
+            raise ValueError(f"lsq option {key} must be a non-empty list of positive numbers")
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point used by vaemap_bids.fitting.fit
+# ---------------------------------------------------------------------------------------------
+def fit_lsq(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, device: torch.device,
+            seed: int = 0, options: dict | None = None, progress: bool = True) -> FitResult:
+    """Least-squares fit of the finite voxels ``y`` (n_valid, n_measurements), b0-normalised.
+
+    Returns a :class:`FitResult` whose rows follow ``valid`` (NaN where it is False)."""
+    opts = resolve_options(model, options)
+    y = np.asarray(y, dtype=np.float32)
+    if y.ndim != 2 or y.shape[1] != model.n_measurements:
+        raise ValueError(f"lsq expects signals of shape (voxels, {model.n_measurements}), "
+                         f"got {y.shape}")
+    if y.shape[0] != int(np.count_nonzero(valid)):
+        raise ValueError(f"{y.shape[0]} signal rows but {int(np.count_nonzero(valid))} valid voxels")
+    device = torch.device(device)
+    start = time.perf_counter()
+    if opts["solver"] == "reference":
+        from .reference import fit_reference
+        params = fit_reference(model, y)
+        used_device = "cpu"
+    else:
+        params = solve_lsq(model, y, device=device, seed=seed, max_iter=opts["max_iter"],
+                           tolerance=float(opts["tolerance"]), n_starts=opts["n_starts"],
+                           batch_size=opts["batch_size"], dtype=opts["dtype"],
+                           grid_dpar=opts["grid_dpar"], grid_diso=opts["grid_diso"],
+                           progress=progress)
+        used_device = str(device)
+    seconds = time.perf_counter() - start
+    n_out = int(np.count_nonzero(model.invalid_mask(params)))
+    if n_out:
+        log.warning("%s/lsq: %d voxels outside the physical domain", model.name, n_out)
+    return FitResult(model=model.name, method="lsq", params=scatter_rows(params, valid),
+                     valid=np.asarray(valid, dtype=bool), history={}, hyperparameters=opts,
+                     timings={"fit_seconds": seconds,
+                              "voxels_per_second": y.shape[0] / max(seconds, 1e-12)},
+                     device=used_device, seed=int(seed))
+
+
+def solve_lsq(model: SignalModel, y: np.ndarray, *, device="cpu", seed: int = 0,
+              max_iter: int = 50, tolerance: float = 1e-6, n_starts: int = 2,
+              batch_size: int = 32768, dtype: str = "float32",
+              grid_dpar=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+              grid_diso=(0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 2.6, 3.2),
+              progress: bool = False) -> np.ndarray:
+    """Our batched torch least squares: physical parameters (N, model.n_params), float32.
+
+    ``y`` holds the model's volumes, b0-normalised, all finite. Voxels are processed in chunks of
+    ``batch_size`` (each start of a multi-start fit counts), which bounds the memory."""
+    y = np.asarray(y, dtype=np.float32)
+    if not np.all(np.isfinite(y)):
+        raise ValueError("lsq signals contain NaN or infinite values; exclude those voxels first")
+    device = torch.device(device)
+    tdtype = DTYPES[dtype]
+    settings = dict(max_iter=int(max_iter), tolerance=float(tolerance))
+    if isinstance(model, MeanSignalDKI):
+        problem = _MeanSignalProblem(model, device, **settings)
+        starts = 1
+    elif isinstance(model, BallStick):
+        problem = _BallStickProblem(model, device, tdtype, n_starts=n_starts,
+                                    grid_dpar=grid_dpar, grid_diso=grid_diso, **settings)
+        starts = n_starts
+    else:
+        problem = _GenericProblem(model, device, tdtype, n_starts=n_starts, seed=seed, **settings)
+        starts = n_starts
+    chunk = max(1, int(batch_size) // starts)
+    out = np.empty((y.shape[0], model.n_params), dtype=np.float32)
+    with torch.no_grad(), tqdm(total=y.shape[0], unit="voxel", desc=f"lsq {model.name}",
+                               disable=not progress, leave=False) as bar:
+        for lo in range(0, y.shape[0], chunk):
+            hi = min(lo + chunk, y.shape[0])
+            y_dev = torch.from_numpy(y[lo:hi]).to(device)
+            out[lo:hi] = problem.solve(y_dev).cpu().numpy()
+            bar.update(hi - lo)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched Levenberg-Marquardt core
+# ---------------------------------------------------------------------------------------------
+def levenberg_marquardt(evaluate: Evaluator, raw0: torch.Tensor, *, max_iter: int,
+                        tolerance: float, retract: Retraction | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``sum(r**2)`` of every row independently from ``raw0`` (n, R).
+
+    ``evaluate(raw, rows)`` gives the residuals (n, M) and the transposed Jacobian (n, P, M)
+    with respect to P local step coordinates; ``retract(raw, step)`` moves ``raw`` by a step
+    (default: ``raw + step`` with scalars kept within +-RAW_LIMIT, P = R).
+
+    Each row has its own damping ``lambda`` (Marquardt scaling by the curvature diagonal): a step
+    that lowers the cost is taken and ``lambda`` shrinks, otherwise ``lambda`` grows. A row stops
+    when an accepted step lowers its cost by less than ``tolerance`` (relative), or when
+    ``lambda`` exceeds its ceiling; stopped rows leave the batch. Returns the final ``raw`` and
+    cost of every row."""
+    retract = retract or _additive_step
+    raw = raw0.clone()
+    n = raw.shape[0]
+    rows = torch.arange(n, device=raw.device)
+    r, jac_t = evaluate(raw, rows)
+    cost = r.square().sum(1)
+    grad, hess = _normal_equations(r, jac_t)
+    lam = torch.full((n,), LAMBDA_START, dtype=raw.dtype, device=raw.device)
+    active = rows[torch.isfinite(cost)]
+    tiny = torch.finfo(raw.dtype).tiny
+    for _ in range(max_iter):
+        if active.numel() == 0:
+            break
+        h = hess[active]
+        diag = torch.diagonal(h, dim1=1, dim2=2)
+        floor = DIAG_FLOOR * diag.amax(1, keepdim=True) + tiny
+        system = h + torch.diag_embed(lam[active, None] * (diag + floor))
+        # the P x P systems are small: solve them in float64 whatever the working precision
+        step = torch.linalg.solve(system.double(), -grad[active].double()).to(raw.dtype)
+        trial = retract(raw[active], step)
+        r_t, jac_t = evaluate(trial, active)
+        cost_t = r_t.square().sum(1)
+        old = cost[active]
+        better = torch.isfinite(cost_t) & (cost_t < old)
+        acc = active[better]
+        gain = (old[better] - cost_t[better]) / old[better].clamp_min(tiny)
+        raw[acc] = trial[better]
+        cost[acc] = cost_t[better]
+        g_t, h_t = _normal_equations(r_t[better], jac_t[better])
+        grad[acc] = g_t
+        hess[acc] = h_t
+        lam[acc] = (lam[acc] * 0.3).clamp_min(LAMBDA_MIN)
+        rej = active[~better]
+        lam[rej] = lam[rej] * 10.0
+        done = torch.empty_like(better)
+        done[better] = gain < tolerance
+        done[~better] = lam[rej] > LAMBDA_MAX
+        active = active[~done]
+    return raw, cost
+
+
+def _additive_step(raw: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    return (raw + step).clamp(-RAW_LIMIT, RAW_LIMIT)
+
+
+def _normal_equations(r: torch.Tensor, jac_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient J^T r (n, P) and Gauss-Newton curvature J^T J (n, P, P) from J^T (n, P, M)."""
+    return (jac_t @ r.unsqueeze(2)).squeeze(2), jac_t @ jac_t.transpose(1, 2)
+
+
+def _tangent_basis(n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two unit vectors orthogonal to the unit vectors ``n`` (N, 3) and to each other; a
+    deterministic function of ``n``, so evaluation and retraction agree on it."""
+    axis = torch.zeros_like(n)
+    axis.scatter_(1, n.abs().argmin(1, keepdim=True), 1.0)  # the axis least aligned with n
+    e1 = torch.linalg.cross(n, axis)
+    e1 = e1 / e1.norm(dim=1, keepdim=True)
+    return e1, torch.linalg.cross(n, e1)
+
+
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _best_of_starts(raw: torch.Tensor, cost: torch.Tensor, n_starts: int) -> torch.Tensor:
+    """Rows are laid out start-major (start s of voxel v at s * n + v): keep each voxel's best."""
+    n = raw.shape[0] // n_starts
+    cost = torch.where(torch.isfinite(cost), cost, torch.full_like(cost, torch.inf))
+    best = cost.view(n_starts, n).argmin(0)
+    return raw.view(n_starts, n, -1)[best, torch.arange(n, device=raw.device)]
+
+
+# ---------------------------------------------------------------------------------------------
+# MS-DKI: count-weighted least squares on the shell means
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _ShellReduction:
+    """Averaging matrix (T, S), counts (S,) and mean b (S,) of the shells of an acquisition."""
+
+    average: np.ndarray
+    counts: np.ndarray
+    bvals: np.ndarray
+
+    @classmethod
+    def of(cls, acq: Acquisition) -> "_ShellReduction":
+        index = acq.shell_index
+        n_shells = int(index.max()) + 1
+        onehot = np.zeros((acq.n_volumes, n_shells))
+        onehot[np.arange(acq.n_volumes), index] = 1.0
+        counts = onehot.sum(0)
+        return cls(onehot / counts, counts, acq.shell_bvals)
+
+
+class _MeanSignalProblem:
+    """sum_i (y_i - S(b_i))^2 over the volumes equals sum_s n_s (ybar_s - S(b_s))^2 plus a
+    constant when S depends on b only (each shell taken at its mean b). Two parameters on a few
+    shell means: cheap enough to run in float64. The signal and its Jacobian are written out
+    (tests check them against ``MeanSignalDKI.forward`` and finite differences)."""
+
+    def __init__(self, model: MeanSignalDKI, device: torch.device, *, max_iter: int,
+                 tolerance: float):
+        self.model = model
+        self.device = device
+        self.max_iter = max_iter
+        self.tolerance = tolerance
+        red = _ShellReduction.of(model.acquisition)
+        self.average = torch.as_tensor(red.average, dtype=torch.float32, device=device)
+        self.sqrt_counts = torch.as_tensor(np.sqrt(red.counts), dtype=torch.float64, device=device)
+        self.counts = torch.as_tensor(red.counts, dtype=torch.float64, device=device)
+        self.bvals = torch.as_tensor(red.bvals, dtype=torch.float64, device=device)
+
+    def initial_raw(self, ybar: torch.Tensor) -> torch.Tensor:
+        """Closed-form weighted log-linear fit with S0 = 1: log ybar = -b D + b^2 (D^2 K / 6),
+        weights n_s ybar_s^2 (the usual WLS weights of a log transform), moved into bounds."""
+        b = self.bvals
+        logy = torch.log(ybar.clamp_min(1e-4))
+        w = self.counts * ybar.clamp_min(1e-4).square()
+        x1, x2 = -b, b * b
+        a11 = (w * x1 * x1).sum(1)
+        a12 = (w * x1 * x2).sum(1)
+        a22 = (w * x2 * x2).sum(1)
+        r1 = (w * x1 * logy).sum(1)
+        r2 = (w * x2 * logy).sum(1)
+        det = (a11 * a22 - a12 * a12).clamp_min(1e-300)
+        d = (a22 * r1 - a12 * r2) / det
+        c = (a11 * r2 - a12 * r1) / det
+        spec = self.model.parameters[0]
+        d = d.clamp(spec.lo + 1e-3 * (spec.hi - spec.lo), spec.hi - 1e-3 * (spec.hi - spec.lo))
+        k_max = self.model.k_max(d)
+        k = (6.0 * c / (d * d)).clamp(1e-3 * k_max, 0.999 * k_max)
+        raw = self.model.unsquash(torch.stack([d, k], 1).cpu().numpy())
+        return torch.as_tensor(raw, dtype=torch.float64, device=self.device)
+
+    def evaluate(self, raw: torch.Tensor, ybar: torch.Tensor):
+        """Count-weighted residuals on the shell means and their analytic Jacobian; the
+        parameters come from the model's own squash, K bounded by k_max(D) as there."""
+        model = self.model
+        params = model.squash(raw)
+        d, k = params[:, 0:1], params[:, 1:2]
+        spec = model.parameters[0]
+        sd = torch.sigmoid(raw[:, 0:1])
+        sk = torch.sigmoid(raw[:, 1:2])
+        dd_du = (spec.hi - spec.lo) * sd * (1 - sd)
+        k_max = model.k_max(d)
+        # k_max = min(K_hi, c / D): it moves with D only where the validity edge is the limit
+        edge = 3.0 * VALIDITY_MARGIN / (model.b_max_used * d.clamp_min(1e-6))
+        dkmax_dd = torch.where(edge < model.parameters[1].hi, -edge / d.clamp_min(1e-6),
+                               torch.zeros_like(d))
+        b = self.bvals[None, :]
+        signal = torch.exp(-b * d + (b * d).square() * k / 6.0)
+        ds_dd = signal * (-b + b * b * d * k / 3.0)
+        ds_dk = signal * (b * d).square() / 6.0
+        jac_t = torch.stack([ds_dd * dd_du + ds_dk * sk * dkmax_dd * dd_du,
+                             ds_dk * k_max * sk * (1 - sk)], dim=1)
+        w = self.sqrt_counts
+        return (signal - ybar) * w, jac_t * w
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        ybar = (y.float() @ self.average).double()
+
+        def evaluate(raw, rows):
+            return self.evaluate(raw, ybar[rows])
+
+        raw, _ = levenberg_marquardt(evaluate, self.initial_raw(ybar), max_iter=self.max_iter,
+                                     tolerance=self.tolerance)
+        return self.model.squash(raw).float()
+
+
+def _jvp_evaluator(signal: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
+                   weights: torch.Tensor | None = None,
+                   voxel_of_row: torch.Tensor | None = None) -> Evaluator:
+    """Residuals and Jacobian of any differentiable ``signal(raw)`` (rows independent), one
+    forward-mode pass per raw column."""
+
+    def evaluate(raw, rows):
+        vox = rows if voxel_of_row is None else voxel_of_row[rows]
+        cols = []
+        value = None
+        for p in range(raw.shape[1]):
+            tangent = torch.zeros_like(raw)
+            tangent[:, p] = 1.0
+            value, dval = torch.func.jvp(signal, (raw,), (tangent,))
+            cols.append(dval)
+        r = value - targets[vox].to(value.dtype)
+        jac_t = torch.stack(cols, dim=1)
+        if weights is not None:
+            r = r * weights
+            jac_t = jac_t * weights
+        return r, jac_t
+
+    return evaluate
+
+
+# ---------------------------------------------------------------------------------------------
+# Ball-stick: analytic Jacobian, DTI direction, (Dpar, Diso) grid with the best f in closed form
+# ---------------------------------------------------------------------------------------------
+class _BallStickProblem:
+    def __init__(self, model: BallStick, device: torch.device, dtype: torch.dtype, *,
+                 n_starts: int, grid_dpar, grid_diso, max_iter: int, tolerance: float):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.n_starts = int(n_starts)
+        self.max_iter = max_iter
+        self.tolerance = tolerance
+        acq = model.acquisition
+        self.b, self.g = model.tensors(device, dtype)
+        specs = {p.label: p for p in model.parameters}
+        self.lo = torch.tensor([specs[k].lo for k in ("stickfrac", "dpar", "diso")], dtype=dtype,
+                               device=device)
+        self.span = torch.tensor([specs[k].hi - specs[k].lo for k in ("stickfrac", "dpar", "diso")],
+                                 dtype=dtype, device=device)
+        hi = self.lo + self.span
+        # grid points strictly inside the bounds, so that their raw values are finite
+        inner = lambda v, i: np.clip(np.asarray(v, dtype=float),  # noqa: E731
+                                     float(self.lo[i] + 0.01 * self.span[i]),
+                                     float(hi[i] - 0.01 * self.span[i]))
+        self.grid_dpar = torch.as_tensor(inner(grid_dpar, 1), dtype=dtype, device=device)
+        self.grid_diso = torch.as_tensor(inner(grid_diso, 2), dtype=dtype, device=device)
+        # DTI design for the start direction: log S = log S0 - b g^T D g, ordinary least squares
+        bv, gv = acq.bvals, acq.bvecs
+        design = np.stack([np.ones_like(bv), -bv * gv[:, 0] ** 2, -bv * gv[:, 1] ** 2,
+                           -bv * gv[:, 2] ** 2, -2 * bv * gv[:, 0] * gv[:, 1],
+                           -2 * bv * gv[:, 0] * gv[:, 2], -2 * bv * gv[:, 1] * gv[:, 2]], 1)
+        self.dti_pinv = torch.as_tensor(np.linalg.pinv(design).T, dtype=dtype, device=device)
+
+    # -- forward model and its Jacobian, written out ----------------------------------------
+    # raw = (logit f, logit Dpar, logit Diso, unit n). A step moves the three scalars and n in
+    # its tangent plane (two coordinates), which removes the null direction of |n|.
+    def evaluate(self, raw: torch.Tensor, targets: torch.Tensor):
+        b = self.b
+        s = torch.sigmoid(raw[:, :3])
+        scal = self.lo + self.span * s
+        dscal = self.span * s * (1 - s)           # d(param)/d(raw) of f, Dpar, Diso
+        f, dpar, diso = scal[:, 0:1], scal[:, 1:2], scal[:, 2:3]
+        n = raw[:, 3:6]
+        e1, e2 = _tangent_basis(n)
+        proj = torch.stack([n, e1, e2], 1) @ self.g.T     # (N, 3, T): g.n, g.e1, g.e2
+        cos = proj[:, 0]
+        bcos2 = b * cos * cos
+        stick = torch.exp(bcos2 * -dpar)
+        ball = torch.exp(b * -diso)
+        diff = stick - ball
+        r = torch.addcmul(ball, diff, f) - targets
+        fstick = stick * f
+        jac_t = torch.empty(raw.shape[0], 5, b.numel(), dtype=raw.dtype, device=raw.device)
+        torch.mul(diff, dscal[:, 0:1], out=jac_t[:, 0])
+        torch.mul(fstick * bcos2, -dscal[:, 1:2], out=jac_t[:, 1])
+        torch.mul(ball * b, -(1 - f) * dscal[:, 2:3], out=jac_t[:, 2])
+        # dS/dn = -2 b Dpar (g.n) f stick g; along the tangent e_k it is that times g.e_k
+        coef = (fstick * cos) * (b * (-2.0 * dpar))
+        torch.mul(proj[:, 1:], coef.unsqueeze(1), out=jac_t[:, 3:])
+        return r, jac_t
+
+    @staticmethod
+    def retract(raw: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        n = raw[:, 3:6]
+        e1, e2 = _tangent_basis(n)
+        moved = n + step[:, 3:4] * e1 + step[:, 4:5] * e2
+        return torch.cat([(raw[:, :3] + step[:, :3]).clamp(-RAW_LIMIT, RAW_LIMIT),
+                          _unit_rows(moved)], 1)
+
+    def principal_direction(self, y: torch.Tensor) -> torch.Tensor:
+        coef = torch.log(y.clamp_min(1e-3)) @ self.dti_pinv
+        dxx, dyy, dzz, dxy, dxz, dyz = coef[:, 1:].unbind(1)
+        tensor = torch.stack([torch.stack([dxx, dxy, dxz], 1), torch.stack([dxy, dyy, dyz], 1),
+                              torch.stack([dxz, dyz, dzz], 1)], 1)
+        _, vecs = torch.linalg.eigh(tensor.double() if tensor.device.type == "cpu" else tensor)
+        return vecs[:, :, 2].to(y.dtype)
+
+    def grid_starts(self, y: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """The ``n_starts`` best grid points of every voxel as raw vectors, start-major.
+
+        For fixed (Dpar, Diso, n) the signal is linear in f: S = B + f (A - B), so the best f
+        is <y - B, A - B> / |A - B|^2 (kept inside the bounds) and each grid point costs a few
+        inner products."""
+        b = self.b
+        cos2 = (n @ self.g.T).square()
+        ball = torch.exp(-self.grid_diso[:, None] * b[None, :])          # (Ni, T)
+        yy = y.square().sum(1, keepdim=True)
+        yb = y @ ball.T                                                  # (N, Ni)
+        bb = ball.square().sum(1)[None, :]                               # (1, Ni)
+        costs, fracs = [], []
+        f_lo = float(self.lo[0] + 0.02 * self.span[0])
+        f_hi = float(self.lo[0] + 0.98 * self.span[0])
+        for dpar in self.grid_dpar:
+            stick = torch.exp(-dpar * b * cos2)                          # (N, T)
+            ya = (y * stick).sum(1, keepdim=True)
+            aa = stick.square().sum(1, keepdim=True)
+            ab = stick @ ball.T                                          # (N, Ni)
+            dd = (aa - 2 * ab + bb).clamp_min(1e-12)                     # |A - B|^2
+            rd = ya - yb - ab + bb                                       # <y - B, A - B>
+            f = (rd / dd).clamp(f_lo, f_hi)
+            # |y - B - f (A - B)|^2
+            costs.append(yy - 2 * yb + bb - 2 * f * rd + f * f * dd)
+            fracs.append(f)
+        cost = torch.stack(costs, 1).reshape(y.shape[0], -1)             # (N, Np * Ni)
+        frac = torch.stack(fracs, 1).reshape(y.shape[0], -1)
+        k = min(self.n_starts, cost.shape[1])
+        best = cost.topk(k, dim=1, largest=False).indices                 # (N, k)
+        if k < self.n_starts:  # fewer grid points than starts: repeat the best
+            best = torch.cat([best, best[:, :1].expand(-1, self.n_starts - k)], 1)
+        n_iso = self.grid_diso.numel()
+        starts = []
+        for s in range(self.n_starts):
+            idx = best[:, s]
+            scal = torch.stack([frac.gather(1, idx[:, None])[:, 0], self.grid_dpar[idx // n_iso],
+                                self.grid_diso[idx % n_iso]], 1)
+            u = ((scal - self.lo) / self.span).clamp(1e-6, 1 - 1e-6)
+            starts.append(torch.cat([torch.logit(u), n], 1))
+        return torch.cat(starts, 0)
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(self.dtype)
+        n_vox = y.shape[0]
+        raw0 = self.grid_starts(y, self.principal_direction(y))
+        voxel_of_row = torch.arange(n_vox, device=y.device).repeat(self.n_starts)
+
+        def evaluate(raw, rows):
+            return self.evaluate(raw, y[voxel_of_row[rows]])
+
+        raw, cost = levenberg_marquardt(evaluate, raw0, max_iter=self.max_iter,
+                                        tolerance=self.tolerance, retract=self.retract)
+        raw = _best_of_starts(raw, cost, self.n_starts)
+        return self.model.squash(raw).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Any other model: automatic Jacobian, middle of the bounds plus seeded random starts
+# ---------------------------------------------------------------------------------------------
+class _GenericProblem:
+    def __init__(self, model: SignalModel, device: torch.device, dtype: torch.dtype, *,
+                 n_starts: int, seed: int, max_iter: int, tolerance: float):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.n_starts = int(n_starts)
+        self.seed = int(seed)
+        self.max_iter = max_iter
+        self.tolerance = tolerance
+        self.direction_cols = [sl for p, sl in zip(model.parameters, model.param_slices().values())
+                               if p.is_direction]
+
+    def starts(self, n_vox: int) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        raw = [torch.zeros(n_vox, self.model.n_raw, dtype=self.dtype)]
+        for _ in range(self.n_starts - 1):
+            raw.append(1.5 * torch.randn(n_vox, self.model.n_raw, generator=gen, dtype=self.dtype))
+        raw = torch.cat(raw, 0)
+        for sl in self.direction_cols:  # a zero direction has no gradient: start from random ones
+            raw[:, sl] = _unit_rows(torch.randn(raw.shape[0], 3, generator=gen, dtype=self.dtype))
+        return raw.to(self.device)
+
+    def retract(self, raw: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """Additive step; a direction block is given unit length again (the model normalises it
+        anyway, so only the scale of the next step changes)."""
+        out = (raw + step).clamp(-RAW_LIMIT, RAW_LIMIT)
+        for sl in self.direction_cols:
+            out[:, sl] = _unit_rows(raw[:, sl] + step[:, sl])
+        return out
+
+    def solve(self, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(self.dtype)
+        model = self.model
+        voxel_of_row = torch.arange(y.shape[0], device=y.device).repeat(self.n_starts)
+        evaluate = _jvp_evaluator(lambda raw: model.forward(model.squash(raw)), y,
+                                  voxel_of_row=voxel_of_row)
+        raw, cost = levenberg_marquardt(evaluate, self.starts(y.shape[0]), max_iter=self.max_iter,
+                                        tolerance=self.tolerance, retract=self.retract)
+        raw = _best_of_starts(raw, cost, self.n_starts)
+        return model.squash(raw).float()
