@@ -183,8 +183,9 @@ def map_sidecar(model_info: dict, method: str, hyperparameters: dict, param: str
                                "(from samples of the latent posterior, decoded)")
     if direction_reference is not None:
         side["OrientationEncoding"] = {"Type": "unit3vector", "Reference": direction_reference}
-        side["Description"] += (f" (unit vector in the image's {direction_reference} axes; "
-                                "n and -n are the same fibre)")
+        side["Description"] = (f"{spec['Description'].split(' (')[0]}: unit vector in the "
+                               f"image's voxel axes ({direction_reference}); n and -n are the "
+                               "same fibre")
     side.update({"Sources": sources, "RandomSeed": int(seed), "Device": device})
     return side
 
@@ -218,4 +219,7 @@ def dseg_tsv(n_components: int) -> str:
 
 
 def mask_sidecar(source: str, sources: list[str]) -> dict:
-    return {"Type": "Brain", "Description": f"Brain mask ({source})", "Sources": sources}
+    side = {"Type": "Brain", "Description": f"Brain mask ({source})", "Sources": sources}
+    if sources:  # the mask is on the grid of the DWI series it was made for
+        side["SpatialReference"] = sources[0]
+    return side

@@ -157,23 +157,24 @@ def iter_volumes(path, info: ImageInfo | None = None):
     Reading the whole stream is also the integrity check: a truncated or corrupt gzip raises
     ``ValueError`` naming the file (gzip verifies its CRC and length at the end)."""
     info = info or read_image_info(path)
-    img = nib.load(str(path))
-    hdr = img.header
-    dtype = hdr.get_data_dtype()
-    slope, inter = hdr.get_slope_inter()
-    slope = 1.0 if slope is None or not np.isfinite(slope) or slope == 0 else float(slope)
-    inter = 0.0 if inter is None or not np.isfinite(inter) else float(inter)
+    proxy = nib.load(str(path)).dataobj  # nibabel's ArrayProxy knows the real data offset
+    dtype = proxy.dtype
+    slope = float(np.asarray(proxy.slope).reshape(-1)[0])
+    inter = float(np.asarray(proxy.inter).reshape(-1)[0])
+    slope = 1.0 if not np.isfinite(slope) or slope == 0 else slope
+    inter = 0.0 if not np.isfinite(inter) else inter
+    order = getattr(proxy, "order", "F")
     vol_shape = info.shape[:3]
     vol_bytes = int(np.prod(vol_shape)) * dtype.itemsize
     try:
         with Opener(str(path), "rb") as fobj:
-            fobj.seek(int(hdr.get_data_offset()))
+            fobj.seek(int(proxy.offset))
             for index in range(info.n_volumes):
                 buf = _read_exact(fobj, vol_bytes)
                 if len(buf) != vol_bytes:
                     raise ValueError(f"{path}: the image is truncated: volume {index} of "
                                      f"{info.n_volumes} is incomplete")
-                vol = np.frombuffer(buf, dtype=dtype).reshape(vol_shape, order="F")
+                vol = np.frombuffer(buf, dtype=dtype).reshape(vol_shape, order=order)
                 vol = vol.astype(np.float32)
                 if slope != 1.0 or inter != 0.0:
                     vol = vol * np.float32(slope) + np.float32(inter)

@@ -6,13 +6,22 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-#: dipy's median_otsu defaults (median filter radius, passes) suit 1.25-2.5 mm brains; a tiny
-#: image (a crop or a phantom) gets a radius that fits inside it.
-MEDIAN_RADIUS = 4
-NUMPASS = 4
+#: median_otsu's median filter spans about this many mm each side (dipy's tutorials use a radius
+#: of 3 voxels at 2 mm; its defaults, 4 voxels and 4 passes, erode a 2 mm brain's cortex), so the
+#: radius in voxels follows the voxel size: 3 at 1.25 mm, 2 at 2 mm, 1 at 3 mm or coarser.
+MEDIAN_RADIUS_MM = 4.0
+MAX_RADIUS = 4
+NUMPASS = 2
 
 
-def compute_brain_mask(mean_b0: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+def median_radius(voxel_size_mm) -> int:
+    """median_otsu's filter radius in voxels for this voxel size."""
+    size = float(np.mean(voxel_size_mm))
+    return int(np.clip(round(MEDIAN_RADIUS_MM / max(size, 1e-3)), 1, MAX_RADIUS))
+
+
+def compute_brain_mask(mean_b0: np.ndarray, voxel_size_mm=(2.0, 2.0, 2.0),
+                       exclude: np.ndarray | None = None) -> np.ndarray:
     """Brain mask from the mean b0 with dipy's ``median_otsu`` (median filter + Otsu threshold).
 
     ``exclude`` (e.g. voxels with non-finite values) is removed from the result. Raises
@@ -22,7 +31,7 @@ def compute_brain_mask(mean_b0: np.ndarray, exclude: np.ndarray | None = None) -
     mean_b0 = np.asarray(mean_b0, dtype=np.float32)
     if mean_b0.ndim != 3:
         raise ValueError(f"mean b0 must be 3-D, got shape {mean_b0.shape}")
-    radius = int(max(1, min(MEDIAN_RADIUS, (min(mean_b0.shape) - 1) // 4)))
+    radius = median_radius(voxel_size_mm)
     _, mask = median_otsu(mean_b0, median_radius=radius, numpass=NUMPASS)
     mask = np.asarray(mask, dtype=bool) & (mean_b0 > 0)
     if exclude is not None:

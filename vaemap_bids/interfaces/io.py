@@ -13,7 +13,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     isdefined, traits)
 
 from ..dataset.gradients import load_acquisition, read_image_info, scan_image
-from ..dataset.masking import compute_brain_mask, load_mask, mask_image
+from ..dataset.masking import NUMPASS, compute_brain_mask, load_mask, mask_image, median_radius
 from ..dataset.signals import load_masked_signals
 
 
@@ -43,8 +43,9 @@ class BrainMask(SimpleInterface):
             brain = load_mask(self.inputs.given_mask, info.shape, info.affine)
             source = f"given: {self.inputs.given_mask}"
         else:
-            brain = compute_brain_mask(scan.mean_b0)
-            source = "dipy median_otsu on the mean b0"
+            brain = compute_brain_mask(scan.mean_b0, info.zooms)
+            source = (f"dipy median_otsu on the mean b0 (median radius "
+                      f"{median_radius(info.zooms)} voxels, {NUMPASS} passes)")
         excluded = int((brain & scan.nonfinite).sum())
         mask = brain & ~scan.nonfinite
         if not mask.any():
