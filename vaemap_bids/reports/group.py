@@ -1,0 +1,266 @@
+"""The group level: ``OUTPUT_DIR/group_<model>.tsv`` and ``OUTPUT_DIR/group.html``.
+
+It reads the participant outputs already in OUTPUT_DIR and never fits anything. One TSV per model,
+one row per subject x session (x acq x run) x method x scalar parameter:
+
+==========================  =====================================================================
+column                      meaning
+==========================  =====================================================================
+subject, session            labels (``n/a`` when the dataset has no sessions)
+acquisition, run            only when some series has them
+model, method, param        what the row describes (``dir`` is a direction and has no median)
+n_voxels                    finite voxels of the map inside the brain mask
+median, iqr                 median and inter-quartile range of the map inside the mask
+clusterK_n/_median/_iqr     the same inside vaegmm cluster K (K = 1..max over subjects) of the
+                            same model; cluster numbers are per subject (label switching), so
+                            compare clusters across subjects only after checking them
+nrmse_mean                  mean voxelwise NRMSE of the fit (from the fit record)
+n_invalid, n_at_bound       voxels outside the physical domain / at a bound (fit record)
+fit_seconds, device, seed   the fit node's run time, device and seed
+<package>_version           every version in the run's summary (``vaemap_version`` first)
+==========================  =====================================================================
+
+Missing values are ``n/a``. Return codes (BIDS-Apps, ARCHITECTURE.md section 3): 0 when every
+expected subject is complete, 66 (missing input) when any subject's outputs are missing or
+incomplete, 18 when there is no subject at all.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import logging
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from . import figures as F
+from .collect import (METHOD_ORDER, Series, clean_label, expected_prefixes, find_series, sort_methods,
+                      subjects_in_bids, subjects_in_output)
+from .metrics import OUTLIER_Z, finite, median_iqr, per_label_median_iqr, robust_z
+from .render import render, write_text
+
+log = logging.getLogger("vaemap.reports")
+
+EXIT_OK = 0
+EXIT_NO_SUBJECTS = 18
+EXIT_INCOMPLETE = 66
+NA = "n/a"
+
+
+def _series_key(s: Series) -> tuple:
+    return (s.subject, s.session or "", str(s.entity_value("acquisition") or ""),
+            str(s.entity_value("run") or ""))
+
+
+def series_rows(s: Series) -> dict[str, list[dict]]:
+    """{model: rows} of one series (scalar parameters of every method that has a fit record)."""
+    out: dict[str, list[dict]] = {}
+    mask = s.mask()
+    if mask is None:
+        return out
+    versions = {str(k): str(v) for k, v in (s.summary.get("versions") or {}).items()}
+    for model, methods in s.ran().items():
+        dseg = s.dseg(model) if "vaegmm" in methods else None
+        labels = np.where(mask, dseg, 0) if dseg is not None else None
+        for method in methods:
+            rec = s.fit_record(model, method)
+            if rec is None:
+                continue
+            timings = rec.get("timings") or {}
+            nrmse_mean = rec.get("nrmse_mean")
+            if nrmse_mean is None and (vol := s.nrmse(model, method)) is not None:
+                v = finite(vol[mask])
+                nrmse_mean = float(v.mean()) if v.size else None
+            for spec in s.param_specs(model):
+                if spec.is_direction:
+                    continue
+                vol = s.map(model, method, spec.label)
+                if vol is None:
+                    continue
+                inside = vol[mask]
+                med, iqr = median_iqr(inside)
+                row = {"subject": s.subject, "session": s.session,
+                       "acquisition": s.entity_value("acquisition"), "run": s.entity_value("run"),
+                       "model": model, "method": method, "param": spec.label,
+                       "n_voxels": int(np.isfinite(inside).sum()), "median": med, "iqr": iqr,
+                       "clusters": {}, "nrmse_mean": nrmse_mean,
+                       "n_invalid": rec.get("n_invalid"), "n_at_bound": rec.get("n_at_bound"),
+                       "fit_seconds": timings.get("fit_seconds"), "device": rec.get("device"),
+                       "seed": rec.get("seed"), "versions": versions, "units": spec.units}
+                if labels is not None:
+                    row["clusters"] = per_label_median_iqr(vol, labels)
+                out.setdefault(model, []).append(row)
+    s.drop_images()
+    return out
+
+
+def _cell(value) -> str:
+    if value is None:
+        return NA
+    if isinstance(value, float):
+        return NA if not np.isfinite(value) else f"{value:.6g}"
+    return str(value)
+
+
+def write_tsv(path: Path, rows: list[dict]) -> Path:
+    """One model's group table (columns documented in the module docstring)."""
+    entity_cols = [c for c in ("acquisition", "run") if any(r.get(c) not in (None, "") for r in rows)]
+    k_max = max((max(r["clusters"]) for r in rows if r["clusters"]), default=0)
+    version_keys = sorted({k for r in rows for k in r["versions"]}, key=lambda k: (k != "vaemap", k))
+    header = (["subject", "session"] + entity_cols
+              + ["model", "method", "param", "n_voxels", "median", "iqr"]
+              + [f"cluster{k}_{x}" for k in range(1, k_max + 1) for x in ("n", "median", "iqr")]
+              + ["nrmse_mean", "n_invalid", "n_at_bound", "fit_seconds", "device", "seed"]
+              + [f"{k}_version" for k in version_keys])
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(header)
+    for r in rows:
+        line = [r["subject"], r["session"]] + [r.get(c) for c in entity_cols]
+        line += [r["model"], r["method"], r["param"], r["n_voxels"], r["median"], r["iqr"]]
+        for k in range(1, k_max + 1):
+            line += list(r["clusters"].get(k, (None, None, None)))
+        line += [r["nrmse_mean"], r["n_invalid"], r["n_at_bound"], r["fit_seconds"], r["device"],
+                 r["seed"]]
+        line += [r["versions"].get(k) for k in version_keys]
+        writer.writerow([_cell(x) for x in line])
+    return write_text(path, buf.getvalue())
+
+
+def _png_data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _model_block(model: str, rows: list[dict], output_dir: Path, tmp_dir: Path) -> dict:
+    """Figure and outlier table of one model."""
+    methods = sort_methods({r["method"] for r in rows})
+    prank = {p.label: i for i, p in enumerate(Series.param_specs(model))}
+    params = sorted(dict.fromkeys(r["param"] for r in rows), key=lambda p: (prank.get(p, 99), p))
+    units = {r["param"]: r["units"] for r in rows}
+    series = sorted({(r["subject"], r["session"] or "", str(r.get("acquisition") or ""),
+                      str(r.get("run") or "")) for r in rows})
+    cols = [(m, p) for p in params for m in methods if any(r["method"] == m and r["param"] == p for r in rows)]
+    value = {(r["subject"], r["session"] or "", str(r.get("acquisition") or ""),
+              str(r.get("run") or ""), r["method"], r["param"]): r["median"] for r in rows}
+    z = {}
+    values, labels, flagged = {}, {}, {}
+    for m, p in cols:
+        x = np.array([value.get(key + (m, p), np.nan) for key in series], dtype=np.float64)
+        zz = robust_z(x)
+        with np.errstate(invalid="ignore"):
+            flags = np.abs(zz) > OUTLIER_Z
+        for key, zi in zip(series, zz):
+            z[key + (m, p)] = zi
+        ok = np.isfinite(x)
+        values[(p, m)] = x[ok]
+        labels[(p, m)] = [_series_label(key) for key, o in zip(series, ok) if o]
+        flagged[(p, m)] = flags[ok]
+    fig_path = F.group_figure(tmp_dir / f"group_{model}.png", params, methods, values, labels,
+                              flagged, units)
+    table = []
+    n_flags = 0
+    for key in series:
+        cells = []
+        for m, p in cols:
+            v = value.get(key + (m, p))
+            zi = z.get(key + (m, p), np.nan)
+            flag = bool(np.isfinite(v)) if v is not None else False
+            flag = flag and abs(zi) > OUTLIER_Z
+            n_flags += flag
+            cells.append({"text": NA if v is None or not np.isfinite(v) else f"{v:.4g}",
+                          "z": NA if not np.isfinite(zi) and not np.isinf(zi) else f"{zi:+.1f}",
+                          "flag": flag})
+        report = f"sub-{key[0]}.html"
+        table.append({"label": _series_label(key), "subject": key[0],
+                      "report": report if (output_dir / report).is_file() else None,
+                      "cells": cells})
+    return {"name": model, "figure": _png_data_uri(fig_path), "columns": cols, "table": table,
+            "n_flags": n_flags, "n_series": len(series), "methods": methods, "params": params,
+            "tsv": f"group_{model}.tsv"}
+
+
+def _series_label(key: tuple) -> str:
+    sub, ses, acq, run = key
+    return "_".join([f"sub-{sub}"] + ([f"ses-{ses}"] if ses else []) + ([f"acq-{acq}"] if acq else [])
+                    + ([f"run-{run}"] if run else []))
+
+
+def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
+    """Write the group tables and ``group.html`` from the participant outputs in ``output_dir``.
+
+    Expected subjects: ``participant_labels`` when given, else the subjects of ``bids_dir`` when
+    given, else every subject with anything in ``output_dir``. Returns 0 when all of them are
+    complete, 66 when any is missing or incomplete (they are listed in the report) and 18 when
+    there is no subject at all.
+    """
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        log.error("group level: output directory %s does not exist", output_dir)
+        return EXIT_INCOMPLETE
+    if participant_labels:
+        expected = sorted({clean_label(x) for x in participant_labels})
+    elif bids_dir is not None:
+        expected = subjects_in_bids(bids_dir)
+    else:
+        expected = subjects_in_output(output_dir)
+    problems: dict[str, list[str]] = {}
+    rows_by_model: dict[str, list[dict]] = {}
+    complete = []
+    for subject in expected:
+        series = find_series(output_dir, subject)
+        if not series:
+            problems[subject] = [f"no outputs (no sub-{subject}[/ses-*]/log/*_summary.json)"]
+            continue
+        issues = []
+        if bids_dir is not None:
+            have = {s.prefix for s in series}
+            issues += [f"series {p}: no outputs" for p in expected_prefixes(bids_dir, subject)
+                       if p not in have]
+        for s in series:
+            issues += [f"{s.prefix}: {p}" for p in s.problems()]
+            try:
+                for model, rows in series_rows(s).items():
+                    rows_by_model.setdefault(model, []).extend(rows)
+            except Exception as exc:  # a corrupt file of one subject must not stop the group
+                log.exception("group level: reading %s failed", s.prefix)
+                issues.append(f"{s.prefix}: could not be read ({type(exc).__name__}: {exc})")
+        if issues:
+            problems[subject] = issues
+        else:
+            complete.append(subject)
+    for model, rows in sorted(rows_by_model.items()):
+        rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+        prank = {p.label: i for i, p in enumerate(Series.param_specs(model))}
+        rows.sort(key=lambda r: (r["subject"], r["session"] or "", str(r.get("acquisition") or ""),
+                                 str(r.get("run") or ""), rank.get(r["method"], len(rank)),
+                                 r["method"], prank.get(r["param"], len(prank)), r["param"]))
+        write_tsv(output_dir / f"group_{model}.tsv", rows)
+    with tempfile.TemporaryDirectory(prefix=".vaemap-group-", dir=output_dir) as tmp:
+        blocks = [_model_block(model, rows, output_dir, Path(tmp))
+                  for model, rows in sorted(rows_by_model.items())]
+    reports = {s: f"sub-{s}.html" for s in expected if (output_dir / f"sub-{s}.html").is_file()}
+    if not expected:
+        code = EXIT_NO_SUBJECTS
+    elif problems:
+        code = EXIT_INCOMPLETE
+    else:
+        code = EXIT_OK
+    ctx = {"title": "vaemap group report", "expected": expected, "complete": complete,
+           "problems": sorted(problems.items()), "models": blocks, "reports": reports,
+           "outlier_z": OUTLIER_Z, "exit_code": code,
+           "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+           "vaemap_version": __version__,
+           "source": ("participant labels given" if participant_labels else
+                      "subjects of the BIDS dataset" if bids_dir is not None else
+                      "subjects found in the output directory")}
+    write_text(output_dir / "group.html", render("group.html", ctx))
+    if problems:
+        for subject, issues in sorted(problems.items()):
+            log.error("group level: sub-%s is missing or incomplete: %s", subject, "; ".join(issues))
+    if not expected:
+        log.error("group level: no participant to summarise in %s", output_dir)
+    return code

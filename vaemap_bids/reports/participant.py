@@ -1,0 +1,400 @@
+"""The participant report: ``OUTPUT_DIR/sub-<L>.html`` with its figures in ``sub-<L>/figures/``.
+
+It reads only what the participant workflow wrote (names from :mod:`vaemap_bids.naming`); every
+session and run of the subject appears on one page. The page is self-contained: inline CSS, no
+script, figures as PNG files linked by relative paths.
+"""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..fitting.base import NETWORK_METHODS
+from . import figures as F
+from .collect import VAE_METHODS, Series, clean_label, find_series, sort_methods
+from .metrics import (agreement, angular_difference_deg, at_bound, finite, median_iqr,
+                      msdki_b_max, msdki_outside_validity, per_label_median_iqr)
+from .render import render, write_text
+
+log = logging.getLogger("vaemap.reports")
+
+SECTIONS = (("summary", "Summary"), ("maps", "Maps side by side"), ("fit-quality", "Fit quality"),
+            ("agreement", "Agreement with LSQ"), ("training", "Training"),
+            ("latent", "Latent space"), ("clusters", "vaegmm clusters and uncertainty"),
+            ("methods", "Methods and citations"))
+
+METHOD_DESCRIPTIONS = {
+    "lsq": "voxelwise non-linear least squares",
+    "ssl": "a voxelwise self-supervised network (Lim et al. 2022)",
+    "vaeunig": "a variational autoencoder with a univariate Gaussian latent prior",
+    "vaegmm": "a variational autoencoder with a Gaussian-mixture latent prior",
+}
+
+REFERENCES = (
+    ("xu2024", "Xu S, et al. MRI Parameter Mapping via Gaussian Mixture VAE: Breaking the "
+               "Assumption of Independent Pixels. arXiv:2411.10772, 2024."),
+    ("dipy", "Garyfallidis E, Brett M, Amirbekian B, et al. Dipy, a library for the analysis of "
+             "diffusion MRI data. Front Neuroinform 2014;8:8. doi:10.3389/fninf.2014.00008"),
+    ("dmipy", "Fick RHJ, Wassermann D, Deriche R. The Dmipy Toolbox: Diffusion MRI Multi-Compartment "
+              "Modeling and Microstructure Recovery Made Easy. Front Neuroinform 2019;13:64. "
+              "doi:10.3389/fninf.2019.00064"),
+    ("nipype", "Gorgolewski K, Burns CD, Madison C, et al. Nipype: a flexible, lightweight and "
+               "extensible neuroimaging data processing framework in Python. Front Neuroinform "
+               "2011;5:13. doi:10.3389/fninf.2011.00013"),
+    ("msdki", "Henriques RN, Jespersen SN, Shemesh N. Microscopic anisotropy misestimation in "
+              "spherical-mean single diffusion encoding MRI. Magn Reson Med 2019;81:3245-3261. "
+              "doi:10.1002/mrm.27606"),
+    ("ballstick", "Behrens TEJ, Woolrich MW, Jenkinson M, et al. Characterization and propagation "
+                  "of uncertainty in diffusion-weighted MR imaging. Magn Reson Med "
+                  "2003;50:1077-1088. doi:10.1002/mrm.10609"),
+    ("ssl", "Lim JP, Blumberg SB, Narayan N, et al. Fitting a directional microstructure model to "
+            "diffusion-relaxation MRI data with self-supervised machine learning. NeuroImage "
+            "2022;251:118982."),
+    ("pytorch", "Paszke A, Gross S, Massa F, et al. PyTorch: An Imperative Style, High-Performance "
+                "Deep Learning Library. NeurIPS 2019."),
+)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    """A number for a table: n/a for missing, integers as such, floats with ``digits`` significant."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{v:.{digits}g}"
+
+
+def _duration(started, finished) -> str | None:
+    try:
+        t0 = datetime.fromisoformat(str(started))
+        t1 = datetime.fromisoformat(str(finished))
+    except (TypeError, ValueError):
+        return None
+    return f"{(t1 - t0).total_seconds():.1f} s"
+
+
+def _units(spec) -> str:
+    return F.pretty_units(spec.units)
+
+
+class _SeriesReport:
+    """Figures and tables of one series."""
+
+    def __init__(self, series: Series, fig_dir: Path, fig_href: str):
+        self.s = series
+        self.fig_dir = fig_dir
+        self.fig_href = fig_href
+        self.mask = series.mask()
+
+    def _fig(self, model: str | None, kind: str) -> tuple[Path, str]:
+        name = F.figure_name(self.s.prefix, model, kind)
+        return self.fig_dir / name, f"{self.fig_href}/{name}"
+
+    # ---- summary -----------------------------------------------------------------------------
+    def summary(self) -> dict:
+        sm = self.s.summary
+        acq = sm.get("acquisition") or {}
+        mask = sm.get("mask") or {}
+        inputs = sm.get("inputs") or {}
+        rows = [("Subject", self.s.subject), ("Session", self.s.session or "n/a")]
+        for key, name in (("acquisition", "Acquisition (acq-)"), ("run", "Run"), ("space", "Space")):
+            if self.s.entity_value(key) is not None:
+                rows.append((name, str(self.s.entity_value(key))))
+        rows += [(f"Input {k}", str(v)) for k, v in inputs.items()]
+        rows += [
+            ("Volumes", _fmt(acq.get("n_volumes"))),
+            ("Image shape", " x ".join(str(x) for x in sm.get("shape") or []) or "n/a"),
+            ("Voxel size (mm)", " x ".join(_fmt(x) for x in sm.get("voxel_size_mm") or []) or "n/a"),
+            ("Brain mask", f"{_fmt(mask.get('n_voxels'))} voxels, {_fmt(mask.get('volume_ml'))} ml"),
+            ("Voxels excluded (non-finite signal)", _fmt(mask.get("excluded_nonfinite"))),
+            ("Device", str(sm.get("device", "n/a"))),
+            ("Seed", str(sm.get("seed", "n/a"))),
+            ("Input validation", str(sm.get("validator", "n/a"))),
+            ("Started", str(sm.get("started", "n/a"))),
+            ("Finished", str(sm.get("finished", "n/a"))),
+        ]
+        total = _duration(sm.get("started"), sm.get("finished"))
+        if total:
+            rows.append(("Total run time", total))
+        shells = [(_fmt(s.get("bval_smm2"), 4), _fmt(s.get("n_volumes")), _fmt(s.get("n_directions")))
+                  for s in acq.get("shells") or []]
+        models = []
+        for name, info in self.s.models.items():
+            models.append({"model": name, "status": info.get("status", "n/a"),
+                           "reason": info.get("reason") or "",
+                           "methods": ", ".join(sort_methods(info.get("methods") or [])) or "none",
+                           "n_measurements": _fmt(info.get("n_measurements"))})
+        nodes = []
+        for model, methods in self.s.ran().items():
+            for method in methods:
+                rec = self.s.fit_record(model, method) or {}
+                t = rec.get("timings") or {}
+                nodes.append([model, method, str(rec.get("device", "n/a")),
+                              _fmt(t.get("fit_seconds")), _fmt(t.get("voxels_per_second")),
+                              _fmt(rec.get("n_voxels")), _fmt(rec.get("seed"))])
+        versions = sorted((str(k), str(v)) for k, v in (sm.get("versions") or {}).items())
+        return {"rows": rows, "shells": shells, "models": models, "nodes": nodes,
+                "versions": versions, "problems": self.s.problems()}
+
+    # ---- per model ---------------------------------------------------------------------------
+    def model(self, model: str, methods: list[str]) -> dict:
+        specs = self.s.param_specs(model)
+        out = {"name": model, "methods": methods, "figures": {}, "notes": {}}
+        if self.mask is None:
+            out["notes"]["maps"] = "The brain mask is missing, so no map could be drawn."
+            return out
+        view = F.SliceView(self.mask)
+        out["slice"] = view.k
+        scalars = [p for p in specs if not p.is_direction]
+        maps = {p.label: {m: self.s.map(model, m, p.label) for m in methods} for p in specs}
+
+        # maps side by side
+        rows = []
+        for p in specs:
+            row = {"label": p.label, "units": _units(p), "maps": maps[p.label]}
+            if p.is_direction and "stickfrac" in maps:
+                row["weight"] = maps["stickfrac"]
+            rows.append(row)
+        path, href = self._fig(model, "maps")
+        F.maps_figure(path, view, rows, methods)
+        out["figures"]["maps"] = href
+        out["map_stats"] = [[p.label, _units(p)] + [
+            "{} [{}]".format(*(_fmt(x) for x in median_iqr(v[self.mask]))) if v is not None else "n/a"
+            for v in (maps[p.label][m] for m in methods)] for p in scalars]
+
+        # fit quality
+        nrmse = {m: self.s.nrmse(model, m) for m in methods}
+        path, href = self._fig(model, "nrmse")
+        F.nrmse_figure(path, view, nrmse, self.mask)
+        out["figures"]["nrmse"] = href
+        b_max = msdki_b_max((self.s.summary.get("acquisition") or {}).get("shells") or []) \
+            if model == "msdki" else None
+        quality = []
+        for m in methods:
+            rec = self.s.fit_record(model, m) or {}
+            v = finite(nrmse[m][self.mask]) if nrmse[m] is not None else np.empty(0)
+            n_bound = rec.get("n_at_bound")
+            if n_bound is None and all(maps[p.label][m] is not None for p in scalars):
+                hit = np.zeros(int(self.mask.sum()), bool)
+                for p in scalars:
+                    hit |= at_bound(maps[p.label][m][self.mask], p.lo, p.hi)
+                n_bound = int(hit.sum())
+            row = [m, _fmt(np.median(v) if v.size else None), _fmt(v.mean() if v.size else None),
+                   _fmt(rec.get("n_invalid")), _fmt(n_bound)]
+            if model == "msdki":
+                d, k = maps.get("msd", {}).get(m), maps.get("msk", {}).get(m)
+                row.append(_fmt(msdki_outside_validity(d[self.mask], k[self.mask], b_max))
+                           if d is not None and k is not None and b_max else "n/a")
+            quality.append(row)
+        out["quality"] = quality
+        out["b_max"] = b_max
+
+        # agreement with LSQ
+        networks = [m for m in methods if m != "lsq"]
+        if "lsq" in methods and networks:
+            params = [{"label": p.label, "units": _units(p), "maps": maps[p.label]} for p in scalars]
+            path, href = self._fig(model, "agreement")
+            F.agreement_figure(path, params, networks, self.mask, seed=0)
+            out["figures"]["agreement"] = href
+            table = []
+            for m in networks:
+                for p in specs:
+                    ref, est = maps[p.label]["lsq"], maps[p.label][m]
+                    if ref is None or est is None:
+                        continue
+                    if p.is_direction:
+                        ang = angular_difference_deg(ref[self.mask], est[self.mask])
+                        med, iqr = median_iqr(ang)
+                        table.append([m, p.label, _fmt(int(np.isfinite(ang).sum())), "", "",
+                                      f"angle {_fmt(med)} deg (IQR {_fmt(iqr)})"])
+                        continue
+                    a = agreement(ref[self.mask], est[self.mask])
+                    table.append([m, p.label, _fmt(a["n"]), _fmt(a["r"]), _fmt(a["bias"]),
+                                  f"[{_fmt(a['loa_low'])}, {_fmt(a['loa_high'])}]"])
+            out["agreement"] = table
+        else:
+            out["notes"]["agreement"] = ("LSQ and at least one network method must both have run "
+                                         "to compare them.")
+
+        # training
+        histories = {m: (self.s.fit_record(model, m) or {}).get("history") or {}
+                     for m in methods if m in NETWORK_METHODS}
+        histories = {m: h for m, h in histories.items() if any(h.get(k) for k in h)}
+        if histories:
+            path, href = self._fig(model, "training")
+            F.training_figure(path, histories)
+            out["figures"]["training"] = href
+            out["hyper"] = [[m, ", ".join(f"{k}={v}" for k, v in sorted(
+                ((self.s.fit_record(model, m) or {}).get("hyperparameters") or {}).items()))]
+                for m in methods]
+        else:
+            out["notes"]["training"] = "No network method ran for this model (LSQ has no training curve)."
+
+        # latent space
+        latents = {m: self.s.latent(model, m) for m in methods if m in VAE_METHODS}
+        latents = {m: z for m, z in latents.items() if z is not None and "latent_mean" in z}
+        if latents:
+            comp_by_index = None
+            gmm = latents.get("vaegmm")
+            if gmm is not None and "responsibilities" in gmm:
+                resp = np.asarray(gmm["responsibilities"])
+                idx = np.asarray(gmm.get("index", np.arange(len(resp))))
+                comp_by_index = dict(zip(idx.tolist(), np.argmax(resp, axis=1).tolist()))
+            prepared = {}
+            for m, z in latents.items():
+                idx = np.asarray(z.get("index", np.arange(len(z["latent_mean"]))))
+                comp = None
+                if comp_by_index is not None:
+                    comp = np.array([comp_by_index.get(i, -1) for i in idx.tolist()])
+                prepared[m] = {"latent_mean": z["latent_mean"], "index": idx, "component": comp}
+            path, href = self._fig(model, "latent")
+            F.latent_figure(path, prepared, seed=0)
+            out["figures"]["latent"] = href
+        else:
+            out["notes"]["latent"] = "No VAE method (vaeunig, vaegmm) ran for this model."
+
+        # vaegmm clusters and uncertainty
+        dseg = self.s.dseg(model) if "vaegmm" in methods else None
+        if dseg is not None:
+            path, href = self._fig(model, "clusters")
+            F.clusters_figure(path, view, dseg, self.s.probseg(model))
+            out["figures"]["clusters"] = href
+            labels = np.where(self.mask, dseg, 0)
+            cluster_rows = []
+            per_param = {p.label: per_label_median_iqr(maps[p.label]["vaegmm"], labels)
+                         for p in scalars if maps[p.label].get("vaegmm") is not None}
+            for label in sorted(set(int(x) for x in np.unique(labels) if x > 0)):
+                n = int((labels == label).sum())
+                cluster_rows.append([str(label), _fmt(n)] + [
+                    "{} [{}]".format(_fmt(per_param[p.label][label][1]), _fmt(per_param[p.label][label][2]))
+                    if p.label in per_param and label in per_param[p.label] else "n/a"
+                    for p in scalars])
+            out["cluster_table"] = cluster_rows
+            out["cluster_params"] = [p.label for p in scalars]
+        else:
+            out["notes"]["clusters"] = "vaegmm did not run for this model, so there is no cluster map."
+        std_rows, std_methods = [], [m for m in methods if any(
+            self.s.map(model, m, p.label, "std") is not None for p in scalars)]
+        if std_methods:
+            for p in scalars:
+                std_rows.append({"label": f"std {p.label}", "units": _units(p),
+                                 "maps": {m: self.s.map(model, m, p.label, "std") for m in std_methods}})
+            path, href = self._fig(model, "std")
+            F.maps_figure(path, view, std_rows, std_methods, cmap="inferno")
+            out["figures"]["std"] = href
+        else:
+            out["notes"]["std"] = "No posterior standard-deviation maps were written for this model."
+        return out
+
+    def build(self) -> dict:
+        ctx = {"prefix": self.s.prefix, "summary": self.summary(), "models": [],
+               "skipped": [(n, i.get("reason") or "") for n, i in self.s.models.items()
+                           if i.get("status") != "ran"]}
+        for model, methods in self.s.ran().items():
+            try:
+                ctx["models"].append(self.model(model, methods))
+            except Exception as exc:  # one broken output must not hide the rest of the report
+                log.exception("report of %s model %s failed", self.s.prefix, model)
+                ctx["models"].append({"name": model, "methods": methods, "figures": {},
+                                      "error": f"{type(exc).__name__}: {exc}", "notes": {}})
+        self.s.drop_images()
+        return ctx
+
+
+def methods_text(series: list[Series]) -> dict:
+    """The boilerplate Methods paragraph, from what actually ran, and the references it cites."""
+    ran: dict[str, set] = {}
+    versions: dict[str, str] = {}
+    devices, seeds = set(), set()
+    for s in series:
+        for model, methods in s.ran().items():
+            ran.setdefault(model, set()).update(methods)
+        versions.update({str(k): str(v) for k, v in (s.summary.get("versions") or {}).items()})
+        devices.add(str(s.summary.get("device", "")))
+        seeds.add(str(s.summary.get("seed", "")))
+    cited = ["xu2024", "nipype"]
+    model_parts = []
+    for model in sorted(ran):
+        methods = sort_methods(ran[model])
+        spec = Series.param_specs(model)
+        long_name = {"msdki": "mean-signal diffusion kurtosis imaging (MS-DKI) [msdki]",
+                     "ballstick": "the ball-and-stick model [ballstick]"}.get(model, model)
+        if model in ("msdki", "ballstick"):
+            cited.append(model)
+        params = ", ".join(p.label for p in spec)
+        model_parts.append(f"{long_name} ({params}) with {', '.join(methods)}")
+    all_methods = sort_methods(set().union(*ran.values())) if ran else []
+    method_parts = [f"{m}, {METHOD_DESCRIPTIONS.get(m, m)}" for m in all_methods]
+    if "ssl" in all_methods:
+        cited.append("ssl")
+    v = versions.get("vaemap", __version__)
+    text = (f"Diffusion parameter maps were estimated with vaemap {v} [xu2024], a BIDS-App whose "
+            f"workflow is built with Nipype {versions.get('nipype', '')} [nipype]. ")
+    if model_parts:
+        text += "The signal models fitted were " + "; ".join(model_parts) + ". "
+        text += ("The estimators were " + "; ".join(method_parts) + ". ")
+    if "lsq" in all_methods:
+        cited += ["dipy", "dmipy"]
+        text += (f"Least-squares fits were compared with the reference implementations of dipy "
+                 f"{versions.get('dipy', '')} [dipy] and dmipy {versions.get('dmipy', '')} [dmipy]. ")
+    if set(all_methods) & set(NETWORK_METHODS):
+        cited.append("pytorch")
+        text += (f"Networks were trained self-supervised on each subject's own signals with PyTorch "
+                 f"{versions.get('torch', '')} [pytorch] on {', '.join(sorted(d for d in devices if d)) or 'n/a'}; "
+                 "reported maps are posterior means (decoder of the latent mean), and the posterior "
+                 "standard deviation was estimated from samples of the latent variable. ")
+    text += f"Random seed: {', '.join(sorted(x for x in seeds if x)) or 'n/a'}."
+    text = " ".join(text.split()).replace(" ]", "]").replace("  ", " ")
+    order = [k for k, _ in REFERENCES if k in cited]
+    refs = [(k, t) for k, t in REFERENCES if k in order]
+    return {"text": text, "references": refs, "versions": sorted(versions.items())}
+
+
+def generate_participant_report(output_dir, subject_label, *, bids_dir=None) -> Path:
+    """Write ``OUTPUT_DIR/sub-<L>.html`` and ``OUTPUT_DIR/sub-<L>/figures/*`` for every session and
+    run of one participant and return the HTML path.
+
+    ``bids_dir`` (optional) is only used to list input series that have no outputs.
+    Raises ValueError when the label is invalid or the subject has no outputs in ``output_dir``.
+    """
+    output_dir = Path(output_dir)
+    subject = clean_label(subject_label)
+    series = find_series(output_dir, subject)
+    if not series:
+        raise ValueError(f"no outputs of participant {subject!r} in {output_dir} "
+                         f"(no sub-{subject}[/ses-*]/log/*_summary.json)")
+    missing = []
+    if bids_dir is not None:
+        from .collect import expected_prefixes
+        have = {s.prefix for s in series}
+        missing = [p for p in expected_prefixes(bids_dir, subject) if p not in have]
+    fig_href = f"sub-{subject}/figures"
+    fig_dir = output_dir / fig_href
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    blocks = [_SeriesReport(s, fig_dir, fig_href).build() for s in series]
+    ctx = {
+        "title": f"vaemap: sub-{subject}",
+        "subject": subject,
+        "sections": SECTIONS,
+        "series": blocks,
+        "missing_series": missing,
+        "methods": methods_text(series),
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "vaemap_version": __version__,
+    }
+    out = output_dir / f"sub-{subject}.html"
+    write_text(out, render("participant.html", ctx))
+    log.info("participant report written to %s", out)
+    return out
