@@ -13,7 +13,7 @@ inside the bounds and exactly what produced the fitted signal (MS-DKI stays phys
   grid over (Dpar, Diso) with the best fraction in closed form for each point; the ``n_starts``
   best grid points are refined and the best end point is kept.
 - Any other registered model falls back on forward-mode automatic differentiation
-  (``torch.func.jvp``) from the middle of its bounds plus seeded random starts.
+  (``torch.autograd.forward_ad``) from the middle of its bounds plus seeded random starts.
 
 ``solver: reference`` runs the peers instead (dipy for MS-DKI, classic dmipy for ball-stick; see
 :mod:`vaemap_bids.fitting.reference`).
@@ -27,6 +27,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 from tqdm.auto import tqdm
 
 from ..physics.acquisition import Acquisition
@@ -120,7 +121,7 @@ def fit_lsq(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, device: tor
 
 
 def solve_lsq(model: SignalModel, y: np.ndarray, *, device="cpu", seed: int = 0,
-              max_iter: int = 50, tolerance: float = 1e-6, n_starts: int = 2,
+              max_iter: int = 50, tolerance: float = 1e-6, n_starts: int = 1,
               batch_size: int = 32768, dtype: str = "float32",
               grid_dpar=(0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
               grid_diso=(0.1, 0.3, 0.6, 1.0, 1.5, 2.0, 2.6, 3.2),
@@ -345,8 +346,8 @@ class _MeanSignalProblem:
 def _jvp_evaluator(signal: Callable[[torch.Tensor], torch.Tensor], targets: torch.Tensor,
                    weights: torch.Tensor | None = None,
                    voxel_of_row: torch.Tensor | None = None) -> Evaluator:
-    """Residuals and Jacobian of any differentiable ``signal(raw)`` (rows independent), one
-    forward-mode pass per raw column."""
+    """Residuals and transposed Jacobian of any differentiable ``signal(raw)`` whose rows are
+    independent: one forward-mode (dual number) pass per raw column."""
 
     def evaluate(raw, rows):
         vox = rows if voxel_of_row is None else voxel_of_row[rows]
@@ -355,8 +356,9 @@ def _jvp_evaluator(signal: Callable[[torch.Tensor], torch.Tensor], targets: torc
         for p in range(raw.shape[1]):
             tangent = torch.zeros_like(raw)
             tangent[:, p] = 1.0
-            value, dval = torch.func.jvp(signal, (raw,), (tangent,))
-            cols.append(dval)
+            with fwAD.dual_level():
+                value, dval = fwAD.unpack_dual(signal(fwAD.make_dual(raw, tangent)))
+            cols.append(dval if dval is not None else torch.zeros_like(value))
         r = value - targets[vox].to(value.dtype)
         jac_t = torch.stack(cols, dim=1)
         if weights is not None:
