@@ -130,7 +130,22 @@ def versions() -> dict:
     import torch
 
     return {"vaemap": __version__, "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "git": _git_state()}
+
+
+def _git_state() -> str | None:
+    """Commit of the source tree (``+dirty`` with uncommitted changes), None outside git."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 def machine(device: str) -> dict:
