@@ -24,6 +24,7 @@ import numpy as np
 from nibabel.openers import Opener
 
 from ..physics import Acquisition
+from ..physics.acquisition import B0_THRESHOLD
 
 #: Bytes read per chunk when streaming through an image (keeps memory at one volume or less).
 _CHUNK = 1 << 24
@@ -100,6 +101,9 @@ def load_acquisition(bval_path, bvec_path, n_volumes: int | None = None) -> Acqu
     tolerance of :class:`~vaemap_bids.physics.Acquisition`."""
     bvals = read_bval(bval_path)
     bvecs = read_bvec(bvec_path)
+    if not np.any(bvals < B0_THRESHOLD * 1e3):
+        raise ValueError(f"{bval_path}: no b0 volume (b < {B0_THRESHOLD * 1e3:.0f} s/mm^2) to "
+                         "normalise the signal by")
     if bvals.size != bvecs.shape[0]:
         raise ValueError(f"{bvec_path}: {bvecs.shape[0]} gradient directions but {bval_path} "
                          f"has {bvals.size} b-values")
@@ -110,9 +114,6 @@ def load_acquisition(bval_path, bvec_path, n_volumes: int | None = None) -> Acqu
         acq = Acquisition.from_smm2(bvals, bvecs)
     except ValueError as exc:
         raise ValueError(f"{bvec_path}: {exc}") from None
-    if not acq.b0_mask.any():
-        raise ValueError(f"{bval_path}: no b0 volume (b < {acq.b0_threshold * 1e3:.0f} s/mm^2) "
-                         "to normalise the signal by")
     return acq
 
 
@@ -208,14 +209,17 @@ def scan_image(path, acq: Acquisition, info: ImageInfo | None = None) -> ImageSc
                          f"{acq.n_volumes}")
     b0 = acq.b0_mask
     sum_b0 = np.zeros(info.shape[:3], dtype=np.float64)
+    n_b0 = np.zeros(info.shape[:3], dtype=np.int32)
     nonfinite = np.zeros(info.shape[:3], dtype=bool)
     for index, vol in iter_volumes(path, info):
         finite = np.isfinite(vol)
         nonfinite |= ~finite
         if b0[index]:
             sum_b0 += np.where(finite, vol, 0.0)
-    mean_b0 = (sum_b0 / b0.sum()).astype(np.float32)
-    mean_b0[nonfinite] = 0.0
+            n_b0 += finite
+    # mean over the finite b0 values, so that a voxel with one bad value still looks like its
+    # tissue to the masking (it is excluded from the fit, and counted, afterwards)
+    mean_b0 = (sum_b0 / np.maximum(n_b0, 1)).astype(np.float32)
     if not np.any(mean_b0 > 0):
         raise ValueError(f"{path}: every b0 volume is zero (or non-finite): the signal cannot be "
                          "normalised")

@@ -1,0 +1,111 @@
+"""The ``vaemap`` command line: arguments, labels, the settings object, the group level."""
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from vaemap_bids import __version__
+from vaemap_bids.cli.parser import UsageError, parse_args
+from vaemap_bids.cli.run import build_config, main
+from vaemap_bids.config import Config
+from vaemap_bids.simulate.phantom import write_phantom_dataset
+
+
+@pytest.fixture(scope="module")
+def bids_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_phantom_dataset(root / "bids", root / "truth", shape=(8, 9, 7), subjects=("01", "02"))
+    return root / "bids"
+
+
+def test_defaults_and_every_flag(tmp_path, bids_dir):
+    args = parse_args([str(bids_dir), str(tmp_path / "out"), "participant"])
+    assert args.models is None and args.methods == ["lsq", "ssl", "vaeunig", "vaegmm"]
+    assert args.device == "auto" and args.seed == 0 and not args.skip_bids_validation
+    plugin = tmp_path / "plugin.yml"
+    plugin.write_text("plugin: Linear\nplugin_args: {status_callback: null}\n")
+    hyper = tmp_path / "hp.yaml"
+    hyper.write_text("vaegmm:\n  epochs: 3\nssl@msdki:\n  epochs: 2\n")
+    deriv = tmp_path / "deriv"
+    deriv.mkdir()
+    args = parse_args([str(bids_dir), str(tmp_path / "out"), "participant",
+                       "--participant-label", "sub-01", "02", "--session-label", "ses-a",
+                       "--models", "msdki", "--methods", "lsq", "vaegmm", "-w", str(tmp_path / "w"),
+                       "--device", "cpu", "--nprocs", "3", "--omp-nthreads", "2", "--mem-gb", "4.5",
+                       "--seed", "11", "--config", str(hyper), "--derivatives", str(deriv),
+                       "--use-plugin", str(plugin), "--skip-bids-validation", "-vv"])
+    config = build_config(args)
+    assert config.participant_label == ["01", "02"] and config.session_label == ["a"]
+    assert config.models == ["msdki"] and config.models_explicit
+    assert config.methods == ["lsq", "vaegmm"]
+    assert config.work_dir == str((tmp_path / "w").resolve())
+    assert (config.nprocs, config.omp_nthreads, config.mem_gb, config.seed) == (3, 2, 4.5, 11)
+    assert config.hyperparameters == {"vaegmm": {"epochs": 3}, "ssl@msdki": {"epochs": 2}}
+    assert config.derivatives == [str(deriv.resolve())]
+    assert config.plugin == "Linear" and config.nipype_plugin_args() == {"status_callback": None}
+    assert config.skip_bids_validation and config.verbosity == 2
+
+
+def test_multiproc_plugin_args(tmp_path):
+    config = Config(bids_dir="b", output_dir="o", nprocs=4, mem_gb=6, omp_nthreads=16)
+    assert config.nipype_plugin_args() == {"n_procs": 4, "memory_gb": 6.0,
+                                           "raise_insufficient": True}
+    assert config.effective_omp_nthreads() == 4  # never more threads than processes
+    config.plugin_args = {"n_procs": 2, "maxtasksperchild": 1}
+    assert config.nipype_plugin_args()["n_procs"] == 2
+
+
+def test_config_toml_roundtrip(tmp_path):
+    config = Config(bids_dir="/b", output_dir="/o", work_dir=str(tmp_path), seed=5,
+                    hyperparameters={"ssl": {"epochs": 2, "hidden_width": None}},
+                    plugin_args={"n_procs": 2})
+    path = config.write_toml(config.toml_path())
+    assert path.parent == tmp_path and path.name.startswith("config-")
+    data = tomllib.loads(path.read_text())["vaemap"]
+    assert data["seed"] == 5 and data["hyperparameters"] == {"ssl": {"epochs": 2}}
+    back = Config.from_toml(path)
+    assert back.seed == 5 and back.run_uuid == config.run_uuid and back.bids_dir == "/b"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vaemap {__version__}"
+
+
+def test_help_lists_exit_codes(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    for flag in ("--participant-label", "--session-label", "--models", "--methods", "--work-dir",
+                 "--device", "--nprocs", "--omp-nthreads", "--mem-gb", "--seed", "--config",
+                 "--derivatives", "--use-plugin", "--skip-bids-validation", "--version"):
+        assert flag in out
+    assert "75" in out and "16 BIDS validation failed" in out
+
+
+def test_usage_errors_raise():
+    with pytest.raises(UsageError):
+        parse_args(["a", "b"])
+    with pytest.raises(UsageError):
+        parse_args(["a", "b", "participant", "--device", "tpu"])
+    with pytest.raises(UsageError):
+        parse_args(["a", "b", "participant", "--seed", "-1"])
+
+
+def test_group_level_is_a_clear_noop(capsys, tmp_path, bids_dir):
+    code = main([str(bids_dir), str(tmp_path / "out"), "group"])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "group level has nothing to do yet" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_work_dir_inside_bids_dir_refused(capsys, tmp_path, bids_dir):
+    code = main([str(bids_dir), str(tmp_path / "out"), "participant", "-w",
+                 str(bids_dir / "work")])
+    assert code == 64 and "work dir must not be inside BIDS_DIR" in capsys.readouterr().err
+    assert not (bids_dir / "work").exists()
