@@ -189,17 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (64)
+        return int(exc.code or 0)
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("vaemap").setLevel(level)
     quiet_sdk_loggers()
     prog = parser.prog
-    if args.retries < 1:
-        parser.error("--retries must be at least 1")
-    if not args.hcp_dir and not args.participant_label:
-        parser.error("--participant-label is required to download (or give --hcp-dir)")
+    problem = ("--retries must be at least 1" if args.retries < 1 else
+               "--participant-label is required to download (or give --hcp-dir)"
+               if not args.hcp_dir and not args.participant_label else None)
+    if problem:
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     progress = not args.no_progress and not args.quiet
     try:
         if args.hcp_dir:

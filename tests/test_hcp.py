@@ -1,0 +1,482 @@
+"""HCP fetch (S3) and HCP -> BIDS conversion, against a real S3 server on 127.0.0.1 (moto in
+server mode, IAM authentication on). No test talks to any other host: a guard fails any socket
+connection elsewhere, the instance-metadata lookup is off and proxies are unset."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import hcp_s3  # noqa: E402
+
+from vaemap_bids.dataset import hcp, hcp_fetch  # noqa: E402
+from vaemap_bids.dataset.hcp import (HCPAccessDeniedError, HCPCredentialsError,  # noqa: E402
+                                     HCPDataError, HCPInputError, HCPNetworkError,
+                                     HCPOutputError, HCPSubjectNotFoundError)
+
+SUBJECT = "100307"
+BIG_SUBJECT = "100408"        # a ~2.5 MB image, for interrupting downloads
+NO_DWI_SUBJECT = "100610"     # exists in the bucket, but without T1w/Diffusion
+DATA_KEY = f"{SUBJECT}/T1w/Diffusion/data.nii.gz"
+_ALLOWED_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def only_localhost(monkeypatch):
+    """Fail any TCP connection to a host other than 127.0.0.1."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _ALLOWED_HOSTS:
+            raise AssertionError(f"test tried to reach {address[0]}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+@pytest.fixture(autouse=True)
+def clean_aws_env(monkeypatch, tmp_path_factory):
+    """No AWS settings from the machine: empty config/credentials files, no IMDS, no proxy."""
+    for name in list(os.environ):
+        if name.startswith("AWS_") or name.lower() in ("http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.delenv(name, raising=False)
+    empty = tmp_path_factory.mktemp("aws")
+    (empty / "config").write_text("")
+    (empty / "credentials").write_text("")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(empty / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(empty / "credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    sleeps: list[float] = []
+    monkeypatch.setattr(hcp_fetch, "_sleep", sleeps.append)  # record back-off, do not wait
+    return sleeps
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """The fake HCP tree that is uploaded: {subject: {file name: path}}."""
+    root = tmp_path_factory.mktemp("hcp_source")
+    small = hcp_s3.make_fake_subject(root / SUBJECT / "T1w" / "Diffusion")
+    big = hcp_s3.make_fake_subject(root / BIG_SUBJECT / "T1w" / "Diffusion", seed=5)
+    hcp_s3.make_big_image(big["data.nii.gz"], 2_500_000, n_volumes=19)
+    return {"root": root, SUBJECT: small, BIG_SUBJECT: big}
+
+
+@pytest.fixture(scope="module")
+def s3(source):
+    server = hcp_s3.MotoS3()
+    try:
+        hcp_s3.seed_subject(server, SUBJECT, source[SUBJECT])
+        hcp_s3.seed_subject(server, BIG_SUBJECT, source[BIG_SUBJECT])
+        server.put(f"{hcp_s3.RELEASE}/{NO_DWI_SUBJECT}/T1w/T1w_acpc_dc_restore.nii.gz", b"x")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(s3):
+    p = hcp_s3.FlakyProxy(s3.port)
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def reader_env(s3, monkeypatch):
+    for name, value in s3.reader.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    return s3.reader
+
+
+def _gets(proxy, name="data.nii.gz"):
+    return [r for r in proxy.requests if r[0] == "GET" and r[1].endswith(name)]
+
+
+def _secrets_in_tree(root: Path, secrets) -> list[str]:
+    """Files under ``root`` whose bytes (gunzipped for .pklz/.gz) contain a secret."""
+    hits = []
+    for path in root.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        if data[:2] == b"\x1f\x8b":
+            try:
+                data = gzip.decompress(data)
+            except OSError:
+                pass
+        for secret in secrets:
+            if secret.encode() in data:
+                hits.append(f"{path} contains {secret[:4]}...")
+    return hits
+
+
+# ---- fetch -> convert -----------------------------------------------------------------------------
+
+def test_fetch_and_convert_gives_valid_bids(source, reader_env, tmp_path):
+    bids_dir = tmp_path / "bids"
+    sub = hcp.fetch_and_convert(SUBJECT, bids_dir, progress=False)
+
+    src = source[SUBJECT]
+    assert sub.dwi == bids_dir / "sub-100307" / "dwi" / "sub-100307_dwi.nii.gz"
+    assert sub.dwi.read_bytes() == src["data.nii.gz"].read_bytes()      # image unchanged
+    assert os.path.samefile(sub.dwi, bids_dir / "sourcedata" / "HCP_1200" / DATA_KEY)  # linked
+    np.testing.assert_allclose(np.loadtxt(sub.bval), np.loadtxt(src["bvals"]))
+    bvec = np.loadtxt(sub.bvec)
+    assert bvec.shape == (3, 19)
+    np.testing.assert_allclose(bvec, np.loadtxt(src["bvecs"]), atol=1e-9)  # FSL == BIDS frame
+    meta = json.loads(sub.sidecar.read_text())
+    assert meta["EchoTime"] == 0.0895
+    assert (meta["SmallDelta"], meta["BigDelta"]) == (0.0106, 0.0431)
+    assert [s["MeanBValue"] for s in meta["DiffusionShells"]] == [5, 1000, 2000]
+    assert meta["SpatialReference"].startswith("T1w")
+    desc = json.loads((bids_dir / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "raw" and desc["BIDSVersion"]
+
+    assert sub.mask == (bids_dir / "derivatives" / "hcp-mask" / "sub-100307" / "dwi"
+                        / "sub-100307_desc-brain_mask.nii.gz")
+    mask, dwi = nib.load(sub.mask), nib.load(sub.dwi)
+    assert mask.shape == dwi.shape[:3] and np.allclose(mask.affine, dwi.affine)
+    deriv_desc = json.loads((sub.mask_derivatives_dir / "dataset_description.json").read_text())
+    assert deriv_desc["DatasetType"] == "derivative"
+
+    from bids import BIDSLayout
+    layout = BIDSLayout(str(bids_dir), validate=True, derivatives=str(sub.mask_derivatives_dir))
+    assert layout.get(subject=SUBJECT, suffix="dwi", extension=".nii.gz",
+                      return_type="file") == [str(sub.dwi)]
+    assert layout.get_metadata(str(sub.dwi))["EchoTime"] == 0.0895
+    masks = layout.get(subject=SUBJECT, suffix="mask", desc="brain", extension=".nii.gz",
+                       return_type="file")
+    assert masks == [str(sub.mask)]
+
+
+def test_converted_dataset_passes_the_bids_validator(source, tmp_path):
+    validator = __import__("shutil").which("bids-validator-deno")
+    if validator is None:
+        pytest.skip("bids-validator-deno is not installed")
+    sub = hcp.convert_hcp_subject(source["root"], SUBJECT, tmp_path / "bids")
+    for dataset in (sub.bids_dir, sub.mask_derivatives_dir):
+        proc = subprocess.run([validator, str(dataset), "--format", "json"], capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, NO_COLOR="1"))
+        issues = json.loads(proc.stdout)["issues"]["issues"]
+        errors = [i for i in issues if i["severity"] == "error"]
+        assert errors == [], errors
+
+
+def test_second_run_transfers_nothing(reader_env, proxy, tmp_path):
+    bids_dir = tmp_path / "bids"
+    hcp.fetch_and_convert(SUBJECT, bids_dir, endpoint_url=proxy.url, progress=False)
+    first = len(proxy.requests)
+    result = hcp.fetch_hcp_subject(SUBJECT, bids_dir / "sourcedata" / "HCP_1200",
+                                   endpoint_url=proxy.url, progress=False)
+    later = proxy.requests[first:]
+    assert sorted(result.skipped) == sorted(hcp.HCP_DIFFUSION_FILES)
+    assert result.bytes_transferred == 0
+    assert {method for method, _, _ in later} == {"HEAD"}
+
+
+def test_explicit_endpoint_overrides_environment(s3, reader_env, proxy, monkeypatch, tmp_path):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{hcp_s3.closed_port()}")
+    hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False)
+    assert _gets(proxy)
+
+
+# ---- interrupted downloads -----------------------------------------------------------------------
+
+def test_network_drop_mid_file_resumes_with_a_ranged_get(source, reader_env, proxy, tmp_path,
+                                                        clean_aws_env):
+    proxy.cut(DATA_KEY, after=5000, times=2)
+    result = hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False,
+                                   chunk_size=1024)
+    gets = _gets(proxy)
+    assert len(gets) == 3
+    assert gets[0][2] is None
+    starts = [int(r[2].split("=")[1].rstrip("-")) for r in gets[1:]]
+    assert 0 < starts[0] <= 5000 and starts[0] < starts[1] <= 10000  # each retry resumes
+    assert (tmp_path / DATA_KEY).read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+    assert not (tmp_path / (DATA_KEY + ".part")).exists()
+    assert clean_aws_env == [2.0, 2.0]  # progress each time: the back-off does not grow
+    # every byte written once: the retries fetched only what was missing
+    assert result.bytes_transferred == sum(p.stat().st_size for p in source[SUBJECT].values())
+
+
+def test_download_killed_halfway_resumes(source, s3, reader_env, proxy, tmp_path):
+    """A real `vaemap-fetch-hcp` process is killed (SIGKILL) while the image downloads; the next
+    run continues the .part file with a ranged GET and the result is byte-identical."""
+    bids_dir = tmp_path / "bids"
+    part = bids_dir / "sourcedata" / "HCP_1200" / BIG_SUBJECT / "T1w" / "Diffusion" / \
+        "data.nii.gz.part"
+    size = source[BIG_SUBJECT]["data.nii.gz"].stat().st_size
+    proxy.stall(f"{BIG_SUBJECT}/T1w/Diffusion/data.nii.gz", after=(1 << 20) + 300_000)
+    env = dict(os.environ, AWS_ENDPOINT_URL=proxy.url)
+    proc = subprocess.Popen([sys.executable, "-m", "vaemap_bids.dataset.hcp", str(bids_dir),
+                             "--participant-label", BIG_SUBJECT, "--no-progress", "-q"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while not (part.is_file() and part.stat().st_size >= 1 << 20):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "the download never reached 1 MiB"
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    have = part.stat().st_size
+    assert 0 < have < size
+    manifest = json.loads((part.parent / hcp_fetch.MANIFEST_NAME).read_text())
+    assert manifest["files"]["data.nii.gz"]["state"] == "partial"
+
+    proxy.clear()
+    before = len(proxy.requests)
+    assert hcp.main([str(bids_dir), "--participant-label", BIG_SUBJECT, "--no-progress", "-q",
+                     "--endpoint-url", proxy.url]) == 0
+    gets = [r for r in proxy.requests[before:] if r[0] == "GET" and "data.nii.gz" in r[1]]
+    assert [r[2] for r in gets] == [f"bytes={have}-"]
+    out = bids_dir / "sub-100408" / "dwi" / "sub-100408_dwi.nii.gz"
+    assert out.read_bytes() == source[BIG_SUBJECT]["data.nii.gz"].read_bytes()
+    assert hcp_s3.gunzip_ok(out)
+
+
+def test_partial_file_of_another_version_is_not_mixed(source, reader_env, proxy, tmp_path):
+    folder = tmp_path / SUBJECT / "T1w" / "Diffusion"
+    folder.mkdir(parents=True)
+    (folder / "data.nii.gz.part").write_bytes(b"old version bytes" * 50)
+    (folder / hcp_fetch.MANIFEST_NAME).write_text(json.dumps({"files": {"data.nii.gz": {
+        "etag": '"0123456789abcdef0123456789abcdef"', "size": 10 ** 6, "state": "partial"}}}))
+    result = hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False)
+    assert [r[2] for r in _gets(proxy)] == [None]                        # started over
+    assert (folder / "data.nii.gz").read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+    assert "data.nii.gz" in result.downloaded and not result.resumed
+
+
+def test_object_changed_between_head_and_get_restarts(source, reader_env, proxy, tmp_path,
+                                                      monkeypatch):
+    """The GET carries If-Match: the server answers 412 for a stale ETag instead of sending bytes
+    of another version; the fetch looks again and downloads the current object whole."""
+    real_head = hcp_fetch._Fetcher.head
+    calls = []
+
+    def stale_head(self, name):
+        remote = real_head(self, name)
+        calls.append(name)
+        if name == "data.nii.gz" and calls.count(name) == 1:
+            return hcp_fetch.RemoteFile(remote.name, remote.key, remote.size,
+                                        '"ffffffffffffffffffffffffffffffff"')
+        return remote
+
+    monkeypatch.setattr(hcp_fetch._Fetcher, "head", stale_head)
+    hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False)
+    assert calls.count("data.nii.gz") == 2
+    assert (tmp_path / DATA_KEY).read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+
+
+def test_complete_file_without_record_is_checked_by_md5(source, reader_env, proxy, tmp_path):
+    folder = tmp_path / SUBJECT / "T1w" / "Diffusion"
+    folder.mkdir(parents=True)
+    good = source[SUBJECT]["bvals"].read_bytes()
+    (folder / "bvals").write_bytes(good)                                  # right bytes: kept
+    bad = bytearray(source[SUBJECT]["bvecs"].read_bytes())
+    bad[0:1] = b"9"
+    (folder / "bvecs").write_bytes(bytes(bad))                            # same size, wrong
+    result = hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False)
+    assert "bvals" in result.skipped and "bvecs" in result.downloaded
+    assert (folder / "bvecs").read_bytes() == source[SUBJECT]["bvecs"].read_bytes()
+
+
+# ---- errors and exit codes -----------------------------------------------------------------------
+
+def test_access_denied_403(s3, monkeypatch, tmp_path, capsys):
+    for name, value in s3.denied.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    with pytest.raises(HCPAccessDeniedError, match="403") as info:
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)
+    assert info.value.exit_code == 66
+    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT,
+                     "--no-progress"]) == 66
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vaemap-fetch-hcp: error: access denied (HTTP 403)")
+    assert not list((tmp_path / "bids").rglob("*.nii.gz"))
+
+
+@pytest.mark.parametrize("keys", ["unknown", "wrong-secret"])
+def test_rejected_credentials(s3, monkeypatch, tmp_path, keys):
+    key_id = "AKIAUNKNOWNKEY123456" if keys == "unknown" else s3.reader.access_key_id
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    with pytest.raises(HCPCredentialsError) as info:
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)
+    assert info.value.exit_code == 66
+    assert key_id not in str(info.value) and "not-the-secret" not in str(info.value)
+    assert "****" + key_id[-4:] in str(info.value)
+
+
+def test_subject_not_found_404(reader_env, tmp_path, capsys):
+    with pytest.raises(HCPSubjectNotFoundError, match="999999 not found") as info:
+        hcp.fetch_hcp_subject("999999", tmp_path, progress=False)
+    assert info.value.exit_code == 18
+    assert not (tmp_path / "999999").exists()
+    with pytest.raises(HCPSubjectNotFoundError, match=f"{NO_DWI_SUBJECT} has no bvals"):
+        hcp.fetch_hcp_subject(NO_DWI_SUBJECT, tmp_path, progress=False)
+    assert hcp.main([str(tmp_path / "bids"), "--participant-label", "sub-999999",
+                     "--no-progress"]) == 18
+    assert "not found" in capsys.readouterr().err
+
+
+def test_no_credentials(s3, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.url)
+    with pytest.raises(HCPCredentialsError, match="no AWS credentials found"):
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)
+    with pytest.raises(HCPCredentialsError, match="profile 'nope' not found"):
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path, profile="nope", progress=False)
+    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT,
+                     "--no-progress"]) == 66
+    assert "no AWS credentials found" in capsys.readouterr().err
+
+
+def test_profile_from_credentials_file(source, s3, monkeypatch, tmp_path):
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[hcp]\naws_access_key_id = {s3.reader.access_key_id}\n"
+                     f"aws_secret_access_key = {s3.reader.secret_access_key}\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    sub = hcp.fetch_and_convert(SUBJECT, tmp_path / "bids", profile="hcp", endpoint_url=s3.url,
+                                progress=False)
+    assert sub.dwi.read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+
+
+def test_network_failure_retries_with_backoff_then_exit_75(reader_env, monkeypatch, tmp_path,
+                                                           clean_aws_env, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{hcp_s3.closed_port()}")
+    with pytest.raises(HCPNetworkError, match="after 4 attempt") as info:
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False, attempts=4, backoff_s=1.5)
+    assert info.value.exit_code == 75
+    assert clean_aws_env == [1.5, 3.0, 6.0]                               # exponential back-off
+    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT, "--no-progress",
+                     "--retries", "2"]) == 75
+    assert "run the same command again" in capsys.readouterr().err
+
+
+def test_unwritable_bids_dir_or_full_disk_exit_73(source, reader_env, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert hcp.main([str(blocker / "bids"), "--participant-label", SUBJECT,
+                     "--no-progress"]) == 73
+    with pytest.raises(HCPOutputError, match="cannot create or write"):
+        hcp.convert_hcp_subject(source["root"], SUBJECT, blocker / "bids")
+
+    class Usage:
+        free = 1000
+    monkeypatch.setattr(hcp_fetch.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(HCPOutputError, match="not enough free space") as info:
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path / "dl", progress=False)
+    assert info.value.exit_code == 73
+
+
+def test_usage_errors_exit_64(tmp_path, capsys):
+    assert hcp.main([str(tmp_path)]) == 64                       # no subject, no --hcp-dir
+    assert hcp.main([str(tmp_path), "--participant-label", "../etc"]) == 64
+    assert "invalid HCP subject ID" in capsys.readouterr().err
+
+
+# ---- secrets -------------------------------------------------------------------------------------
+
+def test_no_secret_in_outputs_work_dir_or_logs(source, s3, reader_env, tmp_path, caplog, capfd):
+    """Fetch through the library, the CLI and the Nipype graph (credentials in the environment,
+    as most users set them): no key id or secret anywhere on disk or in the logs."""
+    caplog.set_level("DEBUG")
+    from vaemap_bids.interfaces.hcp import FetchHCPSubject, run_hcp_fetch
+    secrets = [s3.reader.access_key_id, s3.reader.secret_access_key]
+    bids_dir, work_dir = tmp_path / "bids", tmp_path / "work"
+    subs = run_hcp_fetch([SUBJECT], bids_dir, work_dir)
+    assert subs[0].dwi.read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3.reader.secret_access_key  # restored
+
+    # the interface alone, secrets left in os.environ: it drops them from Nipype's record
+    from nipype.pipeline import engine as pe
+    node = pe.Node(FetchHCPSubject(subject=SUBJECT, bids_dir=str(tmp_path / "bids2")),
+                   name="fetch", base_dir=str(work_dir / "bare"))
+    result = node.run()
+    assert Path(result.outputs.dwi).is_file() and Path(result.outputs.mask).is_file()
+    assert "AWS_SECRET_ACCESS_KEY" not in result.runtime.environ
+    assert (work_dir / "bare" / "fetch" / "_report" / "report.rst").is_file()
+
+    assert hcp.main([str(tmp_path / "bids3"), "--participant-label", SUBJECT, "-v",
+                     "--no-progress"]) == 0
+    assert _secrets_in_tree(tmp_path, secrets) == []
+    logs = caplog.text + "".join(capfd.readouterr())
+    assert "****" + secrets[0][-4:] in logs
+    for secret in secrets:
+        assert secret not in logs
+
+
+def test_stash_env_credentials_moves_keys_to_a_private_file(s3, reader_env):
+    with hcp.stash_env_credentials() as stashed:
+        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
+        path = Path(stashed.credentials_file)
+        assert stashed.profile == "vaemap-env" and oct(path.stat().st_mode & 0o777) == "0o600"
+        conn = hcp_fetch.connect(stashed.profile, s3.url, stashed.credentials_file)
+        conn.client.head_object(Bucket=hcp_s3.BUCKET, Key=f"HCP_1200/{DATA_KEY}")
+    assert not path.exists()
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3.reader.secret_access_key
+    with hcp.stash_env_credentials(profile="mine") as stashed:      # explicit profile: no file
+        assert stashed == hcp.StashedCredentials("mine", None)
+        assert "AWS_ACCESS_KEY_ID" not in os.environ
+
+
+def test_graph_failure_raises_the_nodes_hcp_error(reader_env, tmp_path):
+    from vaemap_bids.interfaces.hcp import run_hcp_fetch
+    with pytest.raises(HCPSubjectNotFoundError) as info:
+        run_hcp_fetch(["999999"], tmp_path / "bids", tmp_path / "work")
+    assert info.value.exit_code == 18
+
+
+# ---- an HCP tree on disk (--input-type hcp) ------------------------------------------------------
+
+def test_convert_hcp_tree_on_disk(source, tmp_path):
+    root = tmp_path / "HCP"
+    files = hcp_s3.make_fake_subject(root / "200109" / "T1w" / "Diffusion", seed=9, bvec_rows=19)
+    hcp_s3.make_fake_subject(root / "200210" / "T1w" / "Diffusion", seed=10)
+    (root / "200311" / "MNINonLinear").mkdir(parents=True)                # no diffusion: skipped
+    subs = hcp.convert_hcp_tree(root, tmp_path / "bids", link=False)
+    assert [s.subject for s in subs] == ["200109", "200210"]
+    bvec = np.loadtxt(subs[0].bvec)
+    assert bvec.shape == (3, 19)                                          # T rows of 3 -> 3 rows
+    np.testing.assert_allclose(bvec, np.loadtxt(files["bvecs"]).T, atol=1e-9)
+    assert not os.path.samefile(subs[0].dwi, files["data.nii.gz"])        # copied
+    assert subs[0].dwi.read_bytes() == files["data.nii.gz"].read_bytes()
+    assert hcp.main([str(tmp_path / "bids2"), "--hcp-dir", str(root), "--participant-label",
+                     "200210", "--copy"]) == 0
+    assert (tmp_path / "bids2" / "sub-200210" / "dwi" / "sub-200210_dwi.nii.gz").is_file()
+
+
+def test_hcp_tree_errors(source, tmp_path):
+    with pytest.raises(HCPInputError):
+        hcp.convert_hcp_subject(tmp_path / "missing", SUBJECT, tmp_path / "bids")
+    assert hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(tmp_path / "missing")]) == 66
+    assert hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(source["root"]),
+                     "--participant-label", "123456"]) == 18
+    bad = hcp_s3.make_fake_subject(tmp_path / "HCP" / "300100" / "T1w" / "Diffusion")
+    bad["bvals"].write_text(" ".join(["5"] + ["1000"] * 10) + "\n")       # 11 b-values, 19 vols
+    with pytest.raises(HCPDataError, match="19 gradient directions but .* has 11 b-values"):
+        hcp.convert_hcp_subject(tmp_path / "HCP", "300100", tmp_path / "bids")
+    assert hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(tmp_path / "HCP")]) == 65
+    bad = hcp_s3.make_fake_subject(tmp_path / "HCP2" / "300200" / "T1w" / "Diffusion")
+    nib.save(nib.Nifti1Image(np.ones((6, 7, 4), np.uint8), np.diag([-1.25, 1.25, 1.25, 1])),
+             str(bad["nodif_brain_mask.nii.gz"]))
+    with pytest.raises(HCPDataError, match="differs from the DWI grid"):
+        hcp.convert_hcp_subject(tmp_path / "HCP2", "300200", tmp_path / "bids")
