@@ -480,3 +480,47 @@ def test_hcp_tree_errors(source, tmp_path):
              str(bad["nodif_brain_mask.nii.gz"]))
     with pytest.raises(HCPDataError, match="differs from the DWI grid"):
         hcp.convert_hcp_subject(tmp_path / "HCP2", "300200", tmp_path / "bids")
+
+
+# ---- fetch -> convert -> vaemap participant ------------------------------------------------------
+
+TINY_CONFIG = """\
+lsq: {max_iter: 5}
+vaeunig: {epochs: 2, warmup_epochs: 0, ramp_epochs: 1, n_posterior_samples: 2, patience: 2}
+"""
+
+
+@pytest.mark.slow
+def test_fetch_convert_then_vaemap_participant(source, s3, reader_env, tmp_path):
+    """The whole path: the fetch graph downloads and converts, then `vaemap participant` runs on
+    the converted dataset with the HCP mask from --derivatives; credentials stay in the
+    environment the whole time, as users set them, and no secret lands on disk."""
+    import torch
+
+    from vaemap_bids.cli.run import main as vaemap_main
+    from vaemap_bids.interfaces.hcp import run_hcp_fetch
+
+    torch.set_num_threads(1)
+    bids_dir, out_dir, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
+    sub = run_hcp_fetch([f"sub-{SUBJECT}"], bids_dir, work / "fetch")[0]
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    # what `vaemap --fetch-hcp` does around its graph: Nipype records every node's environment
+    with hcp.stash_env_credentials():
+        code = vaemap_main([str(bids_dir), str(out_dir), "participant", "--participant-label",
+                            SUBJECT, "--derivatives", str(sub.mask_derivatives_dir), "-w",
+                            str(work / "vaemap"), "--config", str(config), "--device", "cpu",
+                            "--nprocs", "1", "--omp-nthreads", "1", "--models", "msdki",
+                            "--methods", "lsq", "vaeunig"])
+    assert code == 0
+    dwi_out = out_dir / "sub-100307" / "dwi"
+    used_mask = nib.load(dwi_out / "sub-100307_desc-brain_mask.nii.gz").get_fdata() > 0
+    hcp_mask = nib.load(sub.mask).get_fdata() > 0
+    assert np.array_equal(used_mask, hcp_mask)                  # the HCP mask, not median_otsu
+    for method in ("lsq", "vaeunig"):
+        msd = nib.load(dwi_out / f"sub-100307_model-msdki_desc-{method}_param-msd_dwimap.nii.gz")
+        values = msd.get_fdata()[hcp_mask]
+        assert np.all(np.isfinite(values)) and np.all(values > 0)
+        assert np.allclose(msd.affine, nib.load(sub.dwi).affine)
+    secrets = [s3.reader.access_key_id, s3.reader.secret_access_key]
+    assert _secrets_in_tree(tmp_path, secrets) == []
