@@ -268,3 +268,16 @@ def test_verbose_debug_shows_traceback(capsys, ds):
     (ds / "bids" / f"{DWI}.bval").unlink()
     code, err = run_cli(capsys, *participant(ds, "-vv"))
     assert code == 66 and "Traceback" in err
+
+
+def test_failing_node_exits_1_with_crash_file(capsys, ds):
+    """A value the fitting rejects inside the graph: exit 1, one line naming the crash files,
+    and no maps of that fit (the mask, checked and written first, is complete)."""
+    bad = ds / "bad_values.yaml"
+    bad.write_text("ssl: {epochs: 0}\n")
+    code, err = run_cli(capsys, *participant(ds, "--models", "msdki", "--methods", "ssl",
+                                             "--config", bad))
+    assert_error(code, err, 1, "the workflow failed", "crash file")
+    assert list((ds / "out" / "logs").glob("crash-*"))
+    assert not list((ds / "out").rglob("*_dwimap.nii.gz"))
+    assert not list((ds / "out").rglob(".*.tmp*"))

@@ -190,6 +190,13 @@ def run(args) -> int:
         log.info("the group level has nothing to do yet: group tables and reports are not part "
                  "of this version (participant outputs are in %s)", config.output_dir)
         return EXIT_OK
+    run_participant_level(config)
+    return EXIT_OK
+
+
+def run_participant_level(config: Config, status_callback=None, resource_monitor: bool = False):
+    """Every check, then the graph. ``status_callback`` and ``resource_monitor`` are for
+    benchmarks (Nipype's per-node callback; its resource monitor needs psutil)."""
     resolve_device(config)
     _ensure_writable_dir(Path(config.output_dir), "output dir")
     _ensure_writable_dir(Path(config.work_dir), "work dir")
@@ -217,20 +224,28 @@ def run(args) -> int:
     log.info("settings written to %s", toml)
 
     from ..workflows.base import configure_nipype, init_vaemap_wf, run_vaemap_wf
-    configure_nipype(config)
+    configure_nipype(config, resource_monitor=resource_monitor)
     wf = init_vaemap_wf(config, plans)
     log.info("device %s; %d series; models/methods: %s", config.resolved_device, len(plans),
              ", ".join(f"{p.series.prefix}: {'+'.join(p.models_to_run()) or 'none'}" for p in plans))
     try:
-        run_vaemap_wf(wf, config)
-    except RuntimeError as exc:
-        crash_dir = Path(config.output_dir) / "logs"
-        crashes = sorted(crash_dir.glob("crash-*"), key=lambda p: p.stat().st_mtime)
-        where = f"; crash files in {crash_dir}" if crashes else ""
-        raise VaemapError(f"the workflow failed ({str(exc).splitlines()[0]}){where}",
-                          EXIT_FAILURE) from None
+        run_vaemap_wf(wf, config, status_callback=status_callback)
+    except Exception as exc:  # MultiProc raises RuntimeError; Linear re-raises the node's error
+        raise VaemapError(_workflow_failure(exc, Path(config.output_dir) / "logs"),
+                          EXIT_FAILURE) from exc
     finish_participants(config, plans)
-    return EXIT_OK
+    return plans
+
+
+def _workflow_failure(exc: Exception, crash_dir: Path) -> str:
+    """One line: the error (the last line of Nipype's traceback text) and the crash files."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    reason = lines[-1] if lines else type(exc).__name__
+    crashes = sorted(crash_dir.glob("crash-*"))
+    if not crashes:
+        return f"the workflow failed: {reason}"
+    return (f"the workflow failed: {reason}; {len(crashes)} crash file(s) in {crash_dir} "
+            "(rerun with the same work dir to resume after fixing the cause)")
 
 
 def finish_participants(config: Config, plans) -> None:

@@ -34,7 +34,8 @@ def configure_nipype(config: Config, resource_monitor: bool = False) -> None:
                       "check_version": False, "create_report": True,
                       "parameterize_dirs": False, "poll_sleep_duration": 0.2},
         "logging": {"log_to_file": False,
-                    "workflow_level": "INFO" if config.verbosity > 0 else "WARNING",
+                    # Nipype prints node tracebacks at ERROR; the CLI reports failures in one line
+                    "workflow_level": "INFO" if config.verbosity > 0 else "CRITICAL",
                     "interface_level": "INFO" if config.verbosity > 1 else "WARNING",
                     "utils_level": "WARNING"},
         "monitoring": {"enabled": bool(resource_monitor), "sample_frequency": "0.5",
@@ -45,8 +46,11 @@ def configure_nipype(config: Config, resource_monitor: bool = False) -> None:
     nlogging.update_logging(ncfg)
 
 
-def run_vaemap_wf(wf: pe.Workflow, config: Config):
-    """Run the graph with the configured plugin; returns Nipype's execution graph."""
+def run_vaemap_wf(wf: pe.Workflow, config: Config, status_callback=None):
+    """Run the graph with the configured plugin; returns Nipype's execution graph.
+    ``status_callback(node, status)`` is Nipype's per-node hook ("start", "end", "exception")."""
     args = config.nipype_plugin_args()
     log.info("running %s with %s %s", wf.name, config.plugin, args)
+    if status_callback is not None:
+        args["status_callback"] = status_callback
     return wf.run(plugin=config.plugin, plugin_args=args)
