@@ -131,8 +131,13 @@ def solve_lsq(model: SignalModel, y: np.ndarray, *, device="cpu", seed: int = 0,
     ``y`` holds the model's volumes, b0-normalised, all finite. Voxels are processed in chunks of
     ``batch_size`` (each start of a multi-start fit counts), which bounds the memory."""
     y = np.asarray(y, dtype=np.float32)
+    if y.ndim != 2 or y.shape[1] != model.n_measurements:
+        raise ValueError(f"lsq expects signals of shape (voxels, {model.n_measurements}) for "
+                         f"{model.name}, got {y.shape}")
     if not np.all(np.isfinite(y)):
         raise ValueError("lsq signals contain NaN or infinite values; exclude those voxels first")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     device = torch.device(device)
     tdtype = DTYPES[dtype]
     settings = dict(max_iter=int(max_iter), tolerance=float(tolerance))
