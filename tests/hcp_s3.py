@@ -76,13 +76,26 @@ class MotoS3:
                                      method="POST", headers={"Content-Type": "text/plain"})
         urllib.request.urlopen(req, timeout=10).read()
 
+    def put_multipart(self, key: str, body: bytes) -> str:
+        """Upload in one multipart part: the ETag is then ``"<md5 of md5s>-1"``, not an MD5."""
+        client = self._seeder_client()
+        upload = client.create_multipart_upload(Bucket=BUCKET, Key=key)
+        part = client.upload_part(Bucket=BUCKET, Key=key, PartNumber=1, Body=body,
+                                  UploadId=upload["UploadId"])
+        done = client.complete_multipart_upload(
+            Bucket=BUCKET, Key=key, UploadId=upload["UploadId"],
+            MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]})
+        return done["ETag"]
+
+    def _seeder_client(self):
+        import boto3
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.seeder.access_key_id,
+                            aws_secret_access_key=self.seeder.secret_access_key)
+
     def put(self, key: str, body: bytes) -> None:
         """Upload as ``seeder`` (the admin keys stop working once authentication is on)."""
-        import boto3
-        client = boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                              aws_access_key_id=self.seeder.access_key_id,
-                              aws_secret_access_key=self.seeder.secret_access_key)
-        client.put_object(Bucket=BUCKET, Key=key, Body=body)
+        self._seeder_client().put_object(Bucket=BUCKET, Key=key, Body=body)
 
     def stop(self) -> None:
         try:
@@ -180,6 +193,7 @@ class FlakyProxy:
     """A TCP proxy 127.0.0.1:<port> -> the S3 server that forwards requests one per connection
     (``Connection: close``), records (method, path, Range) of each, and can
 
+    - ``corrupt``: flip one byte of a matching GET's body (corruption in transit);
     - ``cut``: close the connection after N bytes of a matching GET's body (a network drop), the
       next ``times`` times;
     - ``stall``: stop forwarding after N body bytes and hold the connection open (a hung
@@ -202,6 +216,10 @@ class FlakyProxy:
 
     def cut(self, path_part: str, after: int, times: int = 1) -> None:
         self.rules.append({"kind": "cut", "path": path_part, "after": after, "times": times})
+
+    def corrupt(self, path_part: str, at: int, times: int = 1) -> None:
+        """Flip the bits of body byte ``at`` of the next ``times`` matching GETs."""
+        self.rules.append({"kind": "corrupt", "path": path_part, "after": at, "times": times})
 
     def stall(self, path_part: str, after: int) -> None:
         self.rules.append({"kind": "stall", "path": path_part, "after": after, "times": 10 ** 6})
@@ -268,7 +286,11 @@ class FlakyProxy:
                     rhead, data = buf.split(b"\r\n\r\n", 1)
                     conn.sendall(rhead + b"\r\n\r\n")
                     header_done = True
-                if rule is not None and sent_body + len(data) >= rule["after"]:
+                if rule is not None and rule["kind"] == "corrupt":
+                    at = rule["after"] - sent_body
+                    if 0 <= at < len(data):
+                        data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+                elif rule is not None and sent_body + len(data) >= rule["after"]:
                     conn.sendall(data[: rule["after"] - sent_body])
                     if rule["kind"] == "stall":
                         self._stop.wait()

@@ -28,6 +28,7 @@ from vaemap_bids.dataset.hcp import (HCPAccessDeniedError, HCPCredentialsError, 
 SUBJECT = "100307"
 BIG_SUBJECT = "100408"        # a ~2.5 MB image, for interrupting downloads
 NO_DWI_SUBJECT = "100610"     # exists in the bucket, but without T1w/Diffusion
+MULTIPART_SUBJECT = "100711"  # uploaded multipart: ETags are not MD5s
 DATA_KEY = f"{SUBJECT}/T1w/Diffusion/data.nii.gz"
 _ALLOWED_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -82,6 +83,9 @@ def s3(source):
         hcp_s3.seed_subject(server, SUBJECT, source[SUBJECT])
         hcp_s3.seed_subject(server, BIG_SUBJECT, source[BIG_SUBJECT])
         server.put(f"{hcp_s3.RELEASE}/{NO_DWI_SUBJECT}/T1w/T1w_acpc_dc_restore.nii.gz", b"x")
+        for name, path in source[SUBJECT].items():
+            server.put_multipart(f"{hcp_s3.RELEASE}/{MULTIPART_SUBJECT}/T1w/Diffusion/{name}",
+                                 path.read_bytes())
         yield server
     finally:
         server.stop()
@@ -282,6 +286,33 @@ def test_object_changed_between_head_and_get_restarts(source, reader_env, proxy,
     hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False)
     assert calls.count("data.nii.gz") == 2
     assert (tmp_path / DATA_KEY).read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+
+
+@pytest.mark.parametrize("subject", [SUBJECT, MULTIPART_SUBJECT])
+def test_corrupted_in_transit_is_fetched_again(source, reader_env, proxy, tmp_path, subject):
+    """A flipped byte is caught by the MD5 (single-part ETag) or, for a multipart ETag, by the
+    gzip CRC; the file is downloaded once more, and a second corruption is an error (75)."""
+    key = f"{subject}/T1w/Diffusion/data.nii.gz"
+    proxy.corrupt(key, at=3000, times=1)
+    result = hcp.fetch_hcp_subject(subject, tmp_path, endpoint_url=proxy.url, progress=False)
+    assert [r[2] for r in _gets(proxy)] == [None, None]
+    assert (tmp_path / key).read_bytes() == source[SUBJECT]["data.nii.gz"].read_bytes()
+    assert "data.nii.gz" in result.downloaded
+
+    proxy.corrupt(key, at=3000, times=2)
+    with pytest.raises(HCPNetworkError, match="corrupted twice") as info:
+        hcp.fetch_hcp_subject(subject, tmp_path / "again", endpoint_url=proxy.url,
+                              progress=False)
+    assert info.value.exit_code == 75
+    assert not list((tmp_path / "again").rglob("data.nii.gz*"))
+
+
+def test_multipart_etag_is_not_taken_for_an_md5(s3, reader_env, tmp_path):
+    conn = hcp_fetch.connect()
+    head = conn.client.head_object(Bucket=hcp_s3.BUCKET,
+                                   Key=f"HCP_1200/{MULTIPART_SUBJECT}/T1w/Diffusion/bvals")
+    remote = hcp_fetch.RemoteFile("bvals", "k", head["ContentLength"], head["ETag"])
+    assert head["ETag"].endswith('-1"') and remote.md5 is None
 
 
 def test_complete_file_without_record_is_checked_by_md5(source, reader_env, proxy, tmp_path):

@@ -387,7 +387,7 @@ class _Fetcher:
 
     def download(self, remote: RemoteFile, dest: Path, manifest: _Manifest, progress: bool,
                  chunk_size: int, result: FetchResult) -> None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import ClientError, FlexibleChecksumError
         from tqdm import tqdm
 
         part = dest.with_name(dest.name + PART_SUFFIX)
@@ -413,43 +413,55 @@ class _Fetcher:
         with tqdm(total=remote.size, initial=offset, unit="B", unit_scale=True,
                   unit_divisor=1024, desc=f"{self.subject} {remote.name}", disable=not progress,
                   leave=progress, dynamic_ncols=True) as bar:
-            while True:
-                if offset == remote.size and part.is_file():  # complete, killed before rename
+            for whole_file_try in (1, 2):  # a file corrupted in transit is fetched once more
+                problem = None
+                while True:
+                    if offset == remote.size and part.is_file():  # complete, not yet renamed
+                        break
+                    start = offset
+                    try:
+                        offset = self._stream(remote, part, offset, chunk_size, bar, result)
+                        if offset != remote.size:
+                            raise _ShortRead(f"stream ended at byte {offset} of {remote.size}")
+                        break
+                    except FlexibleChecksumError:  # botocore checked the object's checksum
+                        problem = "its checksum does not match the object's"
+                        break
+                    except ClientError as exc:
+                        code, status = _error_info(exc)
+                        if status == 412 and not restarted:  # the object changed since we looked
+                            log.warning("%s changed on the server; starting over", remote.name)
+                            remote = self.head(remote.name)
+                            manifest.set(remote.name, key=remote.key, etag=remote.etag,
+                                         size=remote.size, state="partial")
+                            bar.reset(total=remote.size)
+                            offset, restarted = 0, True
+                            continue
+                        if not _is_transient(exc):
+                            raise self.classify(exc, remote.key) from None
+                        reason = self._reason(exc)
+                    except (*self.network_errors, _ShortRead) as exc:
+                        reason = self._reason(exc)
+                        offset = part.stat().st_size if part.is_file() else 0
+                    failures = 0 if offset > start else failures + 1  # progress resets the count
+                    if failures >= self.attempts:
+                        raise self._give_up(what, reason)
+                    delay = _backoff(max(failures, 1), self.backoff_s)
+                    log.warning("%s: %s at byte %d; resuming in %.1f s", remote.name, reason,
+                                offset, delay)
+                    _sleep(delay)
+                problem = problem or _integrity_problem(part, remote)
+                if problem is None:
                     break
-                start = offset
-                try:
-                    offset = self._stream(remote, part, offset, chunk_size, bar, result)
-                    if offset != remote.size:
-                        raise _ShortRead(f"stream ended at byte {offset} of {remote.size}")
-                    break
-                except ClientError as exc:
-                    code, status = _error_info(exc)
-                    if status == 412 and not restarted:  # the object changed since we looked
-                        log.warning("%s changed on the server; starting over", remote.name)
-                        remote = self.head(remote.name)
-                        manifest.set(remote.name, key=remote.key, etag=remote.etag,
-                                     size=remote.size, state="partial")
-                        bar.reset(total=remote.size)
-                        offset, restarted = 0, True
-                        continue
-                    if not _is_transient(exc):
-                        raise self.classify(exc, remote.key) from None
-                    reason = self._reason(exc)
-                except (*self.network_errors, _ShortRead) as exc:
-                    reason = self._reason(exc)
-                    offset = part.stat().st_size if part.is_file() else 0
-                failures = 0 if offset > start else failures + 1  # progress resets the count
-                if failures >= self.attempts:
-                    raise self._give_up(what, reason)
-                delay = _backoff(max(failures, 1), self.backoff_s)
-                log.warning("%s: %s at byte %d; resuming in %.1f s", remote.name, reason,
-                            offset, delay)
-                _sleep(delay)
-        if remote.md5 is not None and _md5(part) != remote.md5:
-            part.unlink(missing_ok=True)
-            manifest.drop(remote.name)
-            raise HCPNetworkError(f"{self.url(remote.key)} arrived corrupted (its MD5 does not "
-                                  "match the ETag); the partial file was removed: run again")
+                part.unlink(missing_ok=True)
+                if whole_file_try == 2:
+                    manifest.drop(remote.name)
+                    raise HCPNetworkError(f"{self.url(remote.key)} arrived corrupted twice "
+                                          f"({problem}); the partial file was removed: run again")
+                log.warning("%s arrived corrupted (%s); downloading it again", remote.name,
+                            problem)
+                bar.reset(total=remote.size)
+                offset = 0
         try:
             os.replace(part, dest)
         except OSError as exc:
@@ -517,6 +529,23 @@ class _Fetcher:
                      state="complete")
         log.info("%s: already there (%s), skipped", remote.name, how)
         return True
+
+
+def _integrity_problem(path: Path, remote: RemoteFile) -> str | None:
+    """Why a complete download cannot be trusted, or None: the MD5 when the ETag is one (single-
+    part upload), else for gzip files the gzip CRC and length (multipart ETags are not MD5s)."""
+    if remote.md5 is not None:
+        return None if _md5(path) == remote.md5 else "its MD5 does not match the ETag"
+    if remote.name.endswith(".gz"):
+        import gzip
+        import zlib
+        try:
+            with gzip.open(path, "rb") as fobj:
+                while fobj.read(1 << 22):
+                    pass
+        except (OSError, EOFError, zlib.error) as exc:
+            return f"gzip check failed: {type(exc).__name__}"
+    return None
 
 
 def _md5(path: Path) -> str:
