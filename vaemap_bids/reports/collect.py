@@ -116,6 +116,17 @@ class Series:
         except ValueError:
             return ()
 
+    def fit_timing(self, model: str, method: str) -> tuple[float | None, float | None]:
+        """(wall seconds, voxels per second) of one fit. The record's ``timings`` holds
+        ``fit_seconds``/``voxels_per_second`` (contract, lsq) or ``total_s`` (network trainer)."""
+        rec = self.fit_record(model, method) or {}
+        t = rec.get("timings") or {}
+        seconds = t.get("fit_seconds", t.get("total_s"))
+        rate = t.get("voxels_per_second")
+        if rate is None and seconds and rec.get("n_voxels"):
+            rate = rec["n_voxels"] / seconds
+        return seconds, rate
+
     # ---- images ------------------------------------------------------------------------------
     def _image(self, name: str) -> np.ndarray | None:
         key = ("img", name)

@@ -319,7 +319,10 @@ def agreement_figure(path, params: list[dict], methods: list[str], mask: np.ndar
                 a, b = a[pick], b[pick]
             ax.scatter(a, b, s=3, alpha=0.35, color=method_colour(method), rasterized=True,
                        linewidths=0)
-            lo, hi = robust_range([a, b], 0.5, 99.5)
+            lo = min(np.percentile(a, 0.5), np.percentile(b, 0.5))
+            hi = max(np.percentile(a, 99.5), np.percentile(b, 99.5))
+            pad = 0.05 * (hi - lo) if hi > lo else 0.5
+            lo, hi = lo - pad, hi + pad
             ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, linestyle="--")
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
@@ -436,7 +439,8 @@ def latent_figure(path, latents: dict[str, dict], max_points: int = 5000, seed: 
         ax.tick_params(labelsize=7)
         if c is not None:
             ax.legend(handles=[Patch(color=CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)],
-                                     label=f"component {i + 1}") for i in range(k)],
+                                     label=f"component {i + 1}")
+                               for i in np.unique(c[c >= 0]).astype(int)],
                       fontsize=7, frameon=False, loc="best")
     return save(fig, path)
 
@@ -453,8 +457,9 @@ def clusters_figure(path, view: SliceView, dseg: np.ndarray, probseg: np.ndarray
     img = np.where(np.isfinite(sl) & (sl > 0), sl - 1, np.nan)
     _show(axes[0, 0], img, view, cmap=cluster_cmap(k), vmin=-0.5, vmax=k - 0.5)
     axes[0, 0].set_title("vaegmm clusters (dseg)", fontsize=10)
+    present = np.unique(labels[labels > 0]).astype(int) - 1
     axes[0, 0].legend(handles=[Patch(color=CLUSTER_COLOURS[i % len(CLUSTER_COLOURS)],
-                                     label=f"{i + 1}") for i in range(k)], fontsize=7,
+                                     label=f"{i + 1}") for i in present], fontsize=7,
                       loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, title="cluster",
                       title_fontsize=7)
     if probseg is not None and probseg.ndim == 4:

@@ -70,7 +70,7 @@ def series_rows(s: Series) -> dict[str, list[dict]]:
             rec = s.fit_record(model, method)
             if rec is None:
                 continue
-            timings = rec.get("timings") or {}
+            seconds, _ = s.fit_timing(model, method)
             nrmse_mean = rec.get("nrmse_mean")
             if nrmse_mean is None and (vol := s.nrmse(model, method)) is not None:
                 v = finite(vol[mask])
@@ -89,7 +89,7 @@ def series_rows(s: Series) -> dict[str, list[dict]]:
                        "n_voxels": int(np.isfinite(inside).sum()), "median": med, "iqr": iqr,
                        "clusters": {}, "nrmse_mean": nrmse_mean,
                        "n_invalid": rec.get("n_invalid"), "n_at_bound": rec.get("n_at_bound"),
-                       "fit_seconds": timings.get("fit_seconds"), "device": rec.get("device"),
+                       "fit_seconds": seconds, "device": rec.get("device"),
                        "seed": rec.get("seed"), "versions": versions, "units": spec.units}
                 if labels is not None:
                     row["clusters"] = per_label_median_iqr(vol, labels)

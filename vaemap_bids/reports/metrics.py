@@ -48,7 +48,7 @@ def robust_z(values) -> np.ndarray:
         z[ok] = (x[ok] - med) / (MAD_TO_SIGMA * mad)
     else:
         diff = x[ok] - med
-        z[ok] = np.where(diff == 0, 0.0, np.sign(diff) * np.inf)
+        z[ok] = np.where(diff > 0, np.inf, np.where(diff < 0, -np.inf, 0.0))
     return z
 
 

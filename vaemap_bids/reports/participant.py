@@ -140,9 +140,9 @@ class _SeriesReport:
         for model, methods in self.s.ran().items():
             for method in methods:
                 rec = self.s.fit_record(model, method) or {}
-                t = rec.get("timings") or {}
+                seconds, rate = self.s.fit_timing(model, method)
                 nodes.append([model, method, str(rec.get("device", "n/a")),
-                              _fmt(t.get("fit_seconds")), _fmt(t.get("voxels_per_second")),
+                              _fmt(seconds), _fmt(rate),
                               _fmt(rec.get("n_voxels")), _fmt(rec.get("seed"))])
         versions = sorted((str(k), str(v)) for k, v in (sm.get("versions") or {}).items())
         return {"rows": rows, "shells": shells, "models": models, "nodes": nodes,
