@@ -240,7 +240,7 @@ window.addEventListener('error', function (e) { var t = e.target;
 window.addEventListener('load', function () {
   var bad = Array.prototype.filter.call(document.images, function (i) { return !(i.complete && i.naturalWidth > 0); })
     .map(function (i) { return i.getAttribute('src').slice(0, 120); });
-  var out = document.createElement('pre'); out.id = 'vaemap-probe';
+  var out = document.createElement('pre'); out.id = 'vaemap-probe'; out.hidden = true;
   out.textContent = JSON.stringify({images: document.images.length, broken: bad, errors: window.__vaemapErrors});
   document.body.appendChild(out);
 });
@@ -480,6 +480,35 @@ def test_group_flags_the_outlier_subject(synthetic):
     assert all(label == "sub-05_ses-pre" for label in flagged), flagged
     # no participant report was made for 02..05: the table says so instead of a dead link
     assert "sub-03.html" not in doc.xpath("//a/@href")
+
+
+def test_vaegmm_components_are_matched_by_voxel_index():
+    from vaemap_bids.reports.participant import vaegmm_components
+    gmm = {"index": np.array([40, 10, 30]),
+           "responsibilities": np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])}
+    np.testing.assert_array_equal(vaegmm_components(gmm, np.array([10, 20, 30, 40, 99])),
+                                  [0, -1, 1, 1, -1])
+    assert vaegmm_components(None, np.arange(3)) is None
+
+
+def test_participant_report_degrades_gracefully(tmp_path):
+    """LSQ only in one series, a lost map in the other: the page still builds, says what is
+    missing and why sections are empty, and the group level calls the subject incomplete."""
+    out = tmp_path / "out"
+    a, b = {"subject": "07", "session": "a"}, {"subject": "07", "session": "b"}
+    write_synthetic_series(out, a, seed=1, methods=("lsq",))
+    write_synthetic_series(out, b, seed=2, methods=("lsq", "vaegmm"))
+    lost = naming.map_name(b, "msdki", "vaegmm", "msk")
+    (out / naming.dwi_dir(b) / lost).unlink()
+    doc = check_html(generate_participant_report(out, "07"))
+    summary = doc.get_element_by_id("summary").text_content()
+    assert "Incomplete outputs" in summary and lost in summary
+    assert "No network method ran" in doc.get_element_by_id("training").text_content()
+    assert "No VAE method" in doc.get_element_by_id("latent").text_content()
+    assert "vaegmm did not run" in doc.get_element_by_id("clusters").text_content()
+    assert doc.get_element_by_id("agreement").xpath(".//img")  # series b: lsq vs vaegmm msd
+    assert run_group(out) == EXIT_INCOMPLETE
+    assert lost in (out / "group.html").read_text()
 
 
 def test_bad_labels_and_empty_output(tmp_path, synthetic):

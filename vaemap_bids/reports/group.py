@@ -94,6 +94,7 @@ def series_rows(s: Series) -> dict[str, list[dict]]:
                 if labels is not None:
                     row["clusters"] = per_label_median_iqr(vol, labels)
                 out.setdefault(model, []).append(row)
+            s.drop_images()  # one method's maps in memory at a time (whole-brain maps are large)
     s.drop_images()
     return out
 

@@ -89,6 +89,20 @@ def _units(spec) -> str:
     return F.pretty_units(spec.units)
 
 
+def vaegmm_components(gmm: dict | None, index: np.ndarray) -> np.ndarray | None:
+    """The vaegmm component (argmax responsibility, 0-based) of each voxel in ``index``, matched
+    through the latent files' ``index`` arrays; -1 where vaegmm's subsample lacks the voxel."""
+    if gmm is None or "responsibilities" not in gmm:
+        return None
+    resp = np.asarray(gmm["responsibilities"])
+    gidx = np.asarray(gmm.get("index", np.arange(len(resp))))
+    order = np.argsort(gidx, kind="stable")
+    pos = np.clip(np.searchsorted(gidx[order], index), 0, len(gidx) - 1)
+    found = gidx[order][pos] == index
+    comp = np.argmax(resp, axis=1)[order][pos]
+    return np.where(found, comp, -1)
+
+
 class _SeriesReport:
     """Figures and tables of one series."""
 
@@ -246,19 +260,11 @@ class _SeriesReport:
         latents = {m: self.s.latent(model, m) for m in methods if m in VAE_METHODS}
         latents = {m: z for m, z in latents.items() if z is not None and "latent_mean" in z}
         if latents:
-            comp_by_index = None
-            gmm = latents.get("vaegmm")
-            if gmm is not None and "responsibilities" in gmm:
-                resp = np.asarray(gmm["responsibilities"])
-                idx = np.asarray(gmm.get("index", np.arange(len(resp))))
-                comp_by_index = dict(zip(idx.tolist(), np.argmax(resp, axis=1).tolist()))
             prepared = {}
             for m, z in latents.items():
                 idx = np.asarray(z.get("index", np.arange(len(z["latent_mean"]))))
-                comp = None
-                if comp_by_index is not None:
-                    comp = np.array([comp_by_index.get(i, -1) for i in idx.tolist()])
-                prepared[m] = {"latent_mean": z["latent_mean"], "index": idx, "component": comp}
+                prepared[m] = {"latent_mean": z["latent_mean"], "index": idx,
+                               "component": vaegmm_components(latents.get("vaegmm"), idx)}
             path, href = self._fig(model, "latent")
             F.latent_figure(path, prepared, seed=0)
             out["figures"]["latent"] = href
@@ -309,7 +315,7 @@ class _SeriesReport:
                 log.exception("report of %s model %s failed", self.s.prefix, model)
                 ctx["models"].append({"name": model, "methods": methods, "figures": {},
                                       "error": f"{type(exc).__name__}: {exc}", "notes": {}})
-        self.s.drop_images()
+            self.s.drop_images()  # one model's maps in memory at a time
         return ctx
 
 
