@@ -27,13 +27,6 @@ SECTIONS = (("summary", "Summary"), ("maps", "Maps side by side"), ("fit-quality
             ("latent", "Latent space"), ("clusters", "vaegmm clusters and uncertainty"),
             ("methods", "Methods and citations"))
 
-METHOD_DESCRIPTIONS = {
-    "lsq": "voxelwise non-linear least squares",
-    "ssl": "a voxelwise self-supervised network (Lim et al. 2022)",
-    "vaeunig": "a variational autoencoder with a univariate Gaussian latent prior",
-    "vaegmm": "a variational autoencoder with a Gaussian-mixture latent prior",
-}
-
 REFERENCES = (
     ("xu2024", "Xu S, et al. MRI Parameter Mapping via Gaussian Mixture VAE: Breaking the "
                "Assumption of Independent Pixels. arXiv:2411.10772, 2024."),
@@ -319,53 +312,110 @@ class _SeriesReport:
         return ctx
 
 
+def _lsq_solver(series: list[Series]) -> str | None:
+    for s in series:
+        for model, methods in s.ran().items():
+            if "lsq" in methods:
+                hyper = (s.fit_record(model, "lsq") or {}).get("hyperparameters") or {}
+                if hyper.get("solver"):
+                    return str(hyper["solver"])
+    return None
+
+
+def _network_settings(series: list[Series], method: str) -> str:
+    """``epochs ..., latent dimension ..., K components`` of the first fit record of ``method``."""
+    for s in series:
+        for model, methods in s.ran().items():
+            if method in methods:
+                h = (s.fit_record(model, method) or {}).get("hyperparameters") or {}
+                parts = []
+                if h.get("epochs_run") is not None:
+                    parts.append(f"{h['epochs_run']} epochs (at most {h.get('epochs', 'n/a')})")
+                elif h.get("epochs") is not None:
+                    parts.append(f"at most {h['epochs']} epochs")
+                if h.get("latent_dim") is not None:
+                    parts.append(f"latent dimension {h['latent_dim']}")
+                if h.get("n_components") is not None:
+                    parts.append(f"K = {h['n_components']} mixture components")
+                if h.get("beta") is not None:
+                    parts.append(f"final KL weight {h['beta']}")
+                return ", ".join(parts)
+    return ""
+
+
 def methods_text(series: list[Series]) -> dict:
     """The boilerplate Methods paragraph, from what actually ran, and the references it cites."""
     ran: dict[str, set] = {}
     versions: dict[str, str] = {}
-    devices, seeds = set(), set()
+    devices, seeds, masks = set(), set(), set()
     for s in series:
         for model, methods in s.ran().items():
             ran.setdefault(model, set()).update(methods)
         versions.update({str(k): str(v) for k, v in (s.summary.get("versions") or {}).items()})
-        devices.add(str(s.summary.get("device", "")))
+        devices.add(str(s.summary.get("device") or ""))
         seeds.add(str(s.summary.get("seed", "")))
-    cited = ["xu2024", "nipype"]
-    model_parts = []
-    for model in sorted(ran):
-        methods = sort_methods(ran[model])
-        spec = Series.param_specs(model)
-        long_name = {"msdki": "mean-signal diffusion kurtosis imaging (MS-DKI) [msdki]",
-                     "ballstick": "the ball-and-stick model [ballstick]"}.get(model, model)
-        if model in ("msdki", "ballstick"):
-            cited.append(model)
-        params = ", ".join(p.label for p in spec)
-        model_parts.append(f"{long_name} ({params}) with {', '.join(methods)}")
+        masks.add(str((s.summary.get("inputs") or {}).get("mask_source") or ""))
+    ver = lambda k: f" {versions[k]}" if versions.get(k) else ""  # noqa: E731
     all_methods = sort_methods(set().union(*ran.values())) if ran else []
-    method_parts = [f"{m}, {METHOD_DESCRIPTIONS.get(m, m)}" for m in all_methods]
-    if "ssl" in all_methods:
-        cited.append("ssl")
-    v = versions.get("vaemap", __version__)
-    text = (f"Diffusion parameter maps were estimated with vaemap {v} [xu2024], a BIDS-App whose "
-            f"workflow is built with Nipype {versions.get('nipype', '')} [nipype]. ")
-    if model_parts:
-        text += "The signal models fitted were " + "; ".join(model_parts) + ". "
-        text += ("The estimators were " + "; ".join(method_parts) + ". ")
+    text = [f"Diffusion parameter maps were estimated with vaemap{ver('vaemap') or ' ' + __version__} "
+            f"[xu2024], a BIDS-App whose workflow is built with Nipype{ver('nipype')} [nipype]. "]
+    if any("median_otsu" in m for m in masks):
+        text.append(f"Brain masks were computed with median_otsu from dipy{ver('dipy')} [dipy] on "
+                    "the mean b0 image. ")
+    elif any(masks):
+        text.append(f"Brain masks were taken from {'; '.join(sorted(m for m in masks if m))}. ")
+    text.append("Signals were divided by each voxel's mean b0. ")
+    for model in sorted(ran):
+        params = ", ".join(p.label for p in Series.param_specs(model))
+        methods = ", ".join(sort_methods(ran[model]))
+        if model == "msdki":
+            text.append("Mean-signal diffusion kurtosis imaging (MS-DKI) [msdki] was fitted to the "
+                        "direction-averaged signal of the shells with b <= 2500 s/mm^2, "
+                        f"S(b)/S0 = exp(-bD + b^2 D^2 K / 6) ({params}; with {methods}). ")
+        elif model == "ballstick":
+            text.append("The ball-and-stick model [ballstick], S/S0 = f exp(-b Dpar (g.n)^2) + "
+                        f"(1 - f) exp(-b Diso), was fitted to all volumes ({params}; with {methods}). ")
+        else:
+            text.append(f"The {model} model was fitted ({params}; with {methods}). ")
     if "lsq" in all_methods:
-        cited += ["dipy", "dmipy"]
-        text += (f"Least-squares fits were compared with the reference implementations of dipy "
-                 f"{versions.get('dipy', '')} [dipy] and dmipy {versions.get('dmipy', '')} [dmipy]. ")
-    if set(all_methods) & set(NETWORK_METHODS):
-        cited.append("pytorch")
-        text += (f"Networks were trained self-supervised on each subject's own signals with PyTorch "
-                 f"{versions.get('torch', '')} [pytorch] on {', '.join(sorted(d for d in devices if d)) or 'n/a'}; "
-                 "reported maps are posterior means (decoder of the latent mean), and the posterior "
-                 "standard deviation was estimated from samples of the latent variable. ")
-    text += f"Random seed: {', '.join(sorted(x for x in seeds if x)) or 'n/a'}."
-    text = " ".join(text.split()).replace(" ]", "]").replace("  ", " ")
-    order = [k for k, _ in REFERENCES if k in cited]
-    refs = [(k, t) for k, t in REFERENCES if k in order]
-    return {"text": text, "references": refs, "versions": sorted(versions.items())}
+        solver = _lsq_solver(series)
+        if solver == "reference":
+            text.append(f"The least-squares (lsq) estimates come from the reference implementations "
+                        f"of dipy{ver('dipy')} [dipy] (MS-DKI) and dmipy{ver('dmipy')} [dmipy] "
+                        "(ball and stick). ")
+        else:
+            text.append("The least-squares (lsq) estimates come from vaemap's batched "
+                        "Levenberg-Marquardt solver, which is tested against the reference "
+                        f"implementations of dipy [dipy] and dmipy [dmipy]. ")
+    else:
+        text.append("Reference least-squares implementations exist in dipy [dipy] and dmipy "
+                    "[dmipy]; no least-squares fit ran here. ")
+    net = [m for m in all_methods if m in NETWORK_METHODS]
+    if net:
+        desc = {"ssl": "a voxelwise self-supervised network (ssl) [ssl]",
+                "vaeunig": "a variational autoencoder with a univariate Gaussian prior (vaeunig) [xu2024]",
+                "vaegmm": "a variational autoencoder with a Gaussian-mixture prior (vaegmm) [xu2024]"}
+        items = []
+        for m in net:
+            settings = _network_settings(series, m)
+            items.append(desc[m] + (f", {settings}" if settings else ""))
+        text.append("Self-supervised networks were trained on each subject's own signals with "
+                    f"PyTorch{ver('torch')} [pytorch] on "
+                    f"{', '.join(sorted(d for d in devices if d)) or 'an unrecorded device'}: "
+                    + "; ".join(items) + ". ")
+        if set(net) & {"vaeunig", "vaegmm"}:
+            text.append("VAE maps are posterior means (decoder of the latent mean); the per-voxel "
+                        "posterior standard deviation was estimated from samples of the latent "
+                        "variable. ")
+    text.append(f"Random seed: {', '.join(sorted(x for x in seeds if x)) or 'n/a'}.")
+    cited = {"xu2024", "nipype", "dipy", "dmipy", "msdki", "ballstick"}
+    if "ssl" in net:
+        cited.add("ssl")
+    if net:
+        cited.add("pytorch")
+    refs = [(k, t) for k, t in REFERENCES if k in cited]
+    return {"text": " ".join("".join(text).split()), "references": refs,
+            "versions": sorted(versions.items())}
 
 
 def generate_participant_report(output_dir, subject_label, *, bids_dir=None) -> Path:
