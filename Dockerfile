@@ -71,8 +71,8 @@ LABEL org.opencontainers.image.title="vaemap" \
 # - OMP/MKL/OPENBLAS_NUM_THREADS=1: Nipype runs several nodes at once (--nprocs); each node sets
 #   its own thread count from --omp-nthreads, so a library that reads these variables on import
 #   must not start one thread per core in every process.
-# - HOME, MPLCONFIGDIR: writable for the image's user and for any `docker run -u UID` (HOME is
-#   mode 1777); matplotlib keeps its font cache in /tmp.
+# - HOME, MPLCONFIGDIR, DENO_DIR: writable for the image's user and for any `docker run -u UID`
+#   (HOME is mode 1777); matplotlib's font cache and deno's cache (the BIDS validator) go to /tmp.
 # - TEMPLATEFLOW_HOME: baked below and read-only at run time; no vaemap code fetches templates.
 # - NVIDIA_*: what the NVIDIA Container Toolkit exposes to the container (compute = CUDA).
 ENV VIRTUAL_ENV=/opt/venv \
@@ -85,6 +85,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     OPENBLAS_NUM_THREADS=1 \
     MPLBACKEND=Agg \
     MPLCONFIGDIR=/tmp/matplotlib \
+    DENO_DIR=/tmp/deno \
+    DENO_NO_UPDATE_CHECK=1 \
     HOME=/home/vaemap \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=0 \
@@ -100,12 +102,14 @@ COPY --from=builder /opt/venv /opt/venv
 # a template (everything is in the subject's native space), but importing niworkflows' BIDS
 # interfaces imports templateflow, which populates TEMPLATEFLOW_HOME with its bundled skeleton
 # (no network) when the folder is empty. Do it now, so that nothing is written there at run time.
-# Then check that the console scripts start and that every vaemap module imports.
+# Then check that the console scripts start and that every vaemap module imports, and remove the
+# caches those checks wrote as root, so that HOME and /tmp start empty for the run-time user.
 RUN python -c "import templateflow.api" \
     && chmod -R a+rX /opt/templateflow \
     && vaemap --version \
     && python -c "import importlib, pkgutil, vaemap_bids; [importlib.import_module(m.name) for m in pkgutil.walk_packages(vaemap_bids.__path__, 'vaemap_bids.')]" \
-    && bids-validator-deno --version
+    && bids-validator-deno --version \
+    && rm -rf "$MPLCONFIGDIR" "$DENO_DIR" /home/vaemap/.cache
 
 # Numeric, so that the host and Kubernetes' runAsNonRoot can resolve it (vaemap:vaemap).
 USER 1000:1000

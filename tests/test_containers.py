@@ -320,8 +320,9 @@ def test_dockerfile_stages_base_environment_user_and_labels():
     assert env["PATH"].startswith("/opt/venv/bin:")
     assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
     assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
-    for key in ("HOME", "MPLCONFIGDIR", "TEMPLATEFLOW_HOME"):
+    for key in ("HOME", "MPLCONFIGDIR", "TEMPLATEFLOW_HOME", "DENO_DIR"):
         assert env[key].startswith("/"), key
+    assert env["DENO_DIR"].startswith("/tmp/")
     runs = " ".join(ins.value for ins in runtime if ins.cmd == "RUN")
     assert "chmod 1777 /home/vaemap" in runs and env["HOME"] == "/home/vaemap"
     assert env["MPLCONFIGDIR"].startswith("/tmp/")
@@ -469,6 +470,14 @@ def test_circleci_config_is_consistent():
         for image in [d["image"] for d in executor.get("docker", [])] + \
                 [executor.get("machine", {}).get("image", "x:1")]:
             assert ":" in image and not image.endswith((":latest", ":current")), image
+
+
+def test_circleci_config_matches_the_circleci_schema():
+    """The CircleCI schema vendored by check-jsonschema (SchemaStore's), when that is installed."""
+    pytest.importorskip("check_jsonschema", reason="check-jsonschema is not in the pinned test set")
+    done = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema",
+                           "vendor.circle-ci", str(CIRCLECI)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,6 +674,11 @@ def test_container_like_install_and_readonly_run(tmp_path):
             replay_run(ins, env, scratch)
     assert env["HOME"] == str(home) and env["TEMPLATEFLOW_HOME"] == str(tf_home)
     assert tf_home.is_dir() and any(tf_home.iterdir()), "TemplateFlow home not baked"
+    # the build leaves HOME and the run-time caches empty (root-owned leftovers would be
+    # unwritable for the run-time user)
+    assert not any(home.iterdir()), sorted(p.name for p in home.iterdir())
+    for key in ("MPLCONFIGDIR", "DENO_DIR"):
+        assert env[key].startswith(str(scratch)) and not Path(env[key]).exists(), key
 
     version = subprocess.run([str(venv / "bin" / "vaemap"), "--version"], env=env,
                              capture_output=True, text=True, check=True).stdout.strip()
