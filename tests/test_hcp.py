@@ -410,6 +410,14 @@ def test_unwritable_bids_dir_or_full_disk_exit_73(source, reader_env, monkeypatc
     with pytest.raises(HCPOutputError, match="cannot create or write"):
         hcp.convert_hcp_subject(source["root"], SUBJECT, blocker / "bids")
 
+    # a write that the kernel refuses with ENOSPC: the .part file is /dev/full
+    folder = tmp_path / "full" / SUBJECT / "T1w" / "Diffusion"
+    folder.mkdir(parents=True)
+    (folder / "bvals.part").symlink_to("/dev/full")
+    with pytest.raises(HCPOutputError, match="No space left on device") as info:
+        hcp.fetch_hcp_subject(SUBJECT, tmp_path / "full", progress=False)
+    assert info.value.exit_code == 73
+
     class Usage:
         free = 1000
     monkeypatch.setattr(hcp_fetch.shutil, "disk_usage", lambda path: Usage)

@@ -38,6 +38,8 @@ from .hcp_fetch import (HCP_BUCKET, HCP_DIFFUSION_FILES, HCP_RELEASE, SECRET_ENV
 
 __all__ = [
     "HCP_BUCKET", "HCP_RELEASE", "HCP_DIFFUSION_FILES", "MASK_DERIVATIVE", "EXIT_USAGE",
+    "EXIT_NO_DATA", "EXIT_BAD_DATA", "EXIT_MISSING_INPUT", "EXIT_CANNOT_CREATE_OUTPUT",
+    "EXIT_TEMPORARY_FAILURE",
     "ConvertedSubject", "FetchResult", "StashedCredentials",
     "HCPError", "HCPSubjectNotFoundError", "HCPDataError", "HCPCredentialsError",
     "HCPAccessDeniedError", "HCPInputError", "HCPOutputError", "HCPNetworkError",

@@ -482,25 +482,29 @@ class _Fetcher:
             bar.reset(total=remote.size)
             offset = 0
         try:
-            fobj = open(part, "r+b" if offset else "wb")
+            # unbuffered: what was received is on disk (a killed run resumes from there), and
+            # closing never retries a failed write
+            fobj = open(part, "r+b" if offset else "wb", buffering=0)
         except OSError as exc:
             raise output_error(part, exc) from None
         with fobj:
-            try:
-                fobj.seek(offset)
-                fobj.truncate()
-            except OSError as exc:
-                raise output_error(part, exc) from None
+            if offset:  # drop anything past the resume point ("wb" already emptied the file)
+                try:
+                    fobj.seek(offset)
+                    fobj.truncate()
+                except OSError as exc:
+                    raise output_error(part, exc) from None
             for chunk in resp["Body"].iter_chunks(chunk_size):
                 try:
-                    fobj.write(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[fobj.write(view):]
                 except OSError as exc:
                     raise output_error(part, exc) from None
                 offset += len(chunk)
                 result.bytes_transferred += len(chunk)
                 bar.update(len(chunk))
             try:
-                fobj.flush()
                 os.fsync(fobj.fileno())
             except OSError as exc:
                 raise output_error(part, exc) from None
