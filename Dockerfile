@@ -98,10 +98,10 @@ RUN useradd --create-home --home-dir /home/vaemap --uid 1000 --user-group --shel
 
 COPY --from=builder /opt/venv /opt/venv
 
-# TemplateFlow: no vaemap module and none of the niworkflows/nireports functions it uses queries
-# a template (everything is in the subject's native space), but importing niworkflows' BIDS
-# interfaces imports templateflow, which populates TEMPLATEFLOW_HOME with its bundled skeleton
-# (no network) when the folder is empty. Do it now, so that nothing is written there at run time.
+# TemplateFlow: vaemap fetches no template (every map is in the subject's native space) and no
+# vaemap module imports templateflow, but the stack ships it (niworkflows depends on it), and its
+# import fills an empty TEMPLATEFLOW_HOME with the skeleton bundled in the wheel (no network); under
+# a read-only home that import fails. Bake the skeleton now, so nothing is written there at run time.
 # Then check that the console scripts start and that every vaemap module imports, and remove the
 # caches those checks wrote as root, so that HOME and /tmp start empty for the run-time user.
 RUN python -c "import templateflow.api" \

@@ -451,6 +451,16 @@ def test_circleci_config_is_consistent():
     assert len(runs) == 2 and all("--network none" in c and ":/data:ro" in c for c in runs)
     assert any("store_artifacts" in s for s in jobs["demo-run"]["steps"] if isinstance(s, dict))
     assert "bids-validator" in "\n".join(_step_commands(jobs["validate"]))
+    # the package functions the CI steps call exist (the config does not drift from the code)
+    import importlib
+    everything = "\n".join(c for job in jobs.values() for c in _step_commands(job))
+    for module, names in re.findall(r"from (vaemap_bids[\w.]*) import ([\w, ]+)", everything):
+        imported = importlib.import_module(module)
+        for name in (n.strip() for n in names.split(",")):
+            assert callable(getattr(imported, name, None)), f"CI calls {module}.{name}: missing"
+    scripts = _pyproject()["project"]["scripts"]
+    for entry in re.findall(r"--entrypoint (\S+)", everything):
+        assert entry in scripts or entry in ("python", "id", "bids-validator-deno"), entry
     # the workspace is filled before anything reads it
     persisted_by = {n for n, j in jobs.items()
                     if any(isinstance(s, dict) and "persist_to_workspace" in s for s in j["steps"])}
