@@ -502,6 +502,13 @@ def test_convert_hcp_tree_on_disk(source, tmp_path):
                      "200210", "--copy"]) == 0
     assert (tmp_path / "bids2" / "sub-200210" / "dwi" / "sub-200210_dwi.nii.gz").is_file()
 
+    from vaemap_bids.interfaces.hcp import run_hcp_fetch               # the same, as a graph
+    sub = run_hcp_fetch(["sub-200109"], tmp_path / "bids3", tmp_path / "work", hcp_root=root)[0]
+    assert os.path.samefile(sub.dwi, files["data.nii.gz"])               # hard-linked
+    np.testing.assert_allclose(np.loadtxt(sub.bvec), np.loadtxt(files["bvecs"]).T, atol=1e-9)
+    with pytest.raises(ValueError, match="invalid HCP subject ID"):
+        run_hcp_fetch(["../200109"], tmp_path / "bids3", tmp_path / "work", hcp_root=root)
+
 
 def test_hcp_tree_errors(source, tmp_path):
     with pytest.raises(HCPInputError):

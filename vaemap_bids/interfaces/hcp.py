@@ -16,6 +16,7 @@ from pathlib import Path
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from .. import naming
 from ..dataset import hcp_errors
 from ..dataset.hcp import (ConvertedSubject, HCPError, convert_hcp_subject, fetch_and_convert,
                            scrub_environ, stash_env_credentials)
@@ -109,7 +110,7 @@ class ConvertHCPSubject(_HCPInterface):
 
 def init_hcp_fetch_wf(subjects, bids_dir, *, hcp_root=None, profile=None, endpoint_url=None,
                       credentials_file=None, download_dir=None, link=True, error_dir=None,
-                      name="hcp_fetch_wf"):
+                      progress=False, name="hcp_fetch_wf"):
     """One FetchHCPSubject (or ConvertHCPSubject, with ``hcp_root``) node per subject, named
     ``hcp_<id>``; independent nodes, so MultiProc/SLURM plugins run subjects in parallel."""
     from nipype.pipeline import engine as pe
@@ -128,26 +129,31 @@ def init_hcp_fetch_wf(subjects, bids_dir, *, hcp_root=None, profile=None, endpoi
                                  ("download_dir", download_dir)):
                 if value:
                     setattr(iface.inputs, trait, str(value))
-        wf.add_nodes([pe.Node(iface, name=f"hcp_{subject}")])
+            iface.inputs.progress = progress
+        # always rerun: cheap when everything is there (HEAD requests, links), and it notices
+        # files removed from BIDS_DIR or changed on the server since the cached run
+        wf.add_nodes([pe.Node(iface, name=f"hcp_{subject}", overwrite=True)])
     return wf
 
 
 def run_hcp_fetch(subjects, bids_dir, work_dir, *, hcp_root=None, profile=None,
                   endpoint_url=None, download_dir=None, link=True, plugin="Linear",
-                  plugin_args=None) -> list[ConvertedSubject]:
+                  plugin_args=None, progress=False) -> list[ConvertedSubject]:
     """Run :func:`init_hcp_fetch_wf` under ``work_dir`` and return the converted subjects.
 
     AWS secrets in the environment are stashed into a private file for the run (see
     :func:`~vaemap_bids.dataset.hcp.stash_env_credentials`). When a node fails, the HCPError it
     raised is raised here again (same class, message and ``exit_code``)."""
-    subjects = [str(s)[4:] if str(s).startswith("sub-") else str(s) for s in subjects]
+    subjects = [naming.check_label(str(s)[4:] if str(s).startswith("sub-") else str(s),
+                                   "HCP subject ID") for s in subjects]
     error_dir = Path(work_dir) / "hcp_fetch_errors"
     for subject in subjects:
         (error_dir / f"{subject}.json").unlink(missing_ok=True)
     with stash_env_credentials(profile) as creds:
         wf = init_hcp_fetch_wf(subjects, bids_dir, hcp_root=hcp_root, profile=creds.profile,
                                endpoint_url=endpoint_url, credentials_file=creds.credentials_file,
-                               download_dir=download_dir, link=link, error_dir=error_dir)
+                               download_dir=download_dir, link=link, error_dir=error_dir,
+                               progress=progress)
         wf.base_dir = str(work_dir)
         wf.config["execution"].update({"crashfile_format": "txt",
                                        "crashdump_dir": str(Path(work_dir) / "crash"),
