@@ -509,6 +509,14 @@ def test_convert_hcp_tree_on_disk(source, tmp_path):
     with pytest.raises(ValueError, match="invalid HCP subject ID"):
         run_hcp_fetch(["../200109"], tmp_path / "bids3", tmp_path / "work", hcp_root=root)
 
+    from vaemap_bids.interfaces.hcp import prepare_hcp_input             # the CLI's entry
+    bids_dir, masks = prepare_hcp_input("hcp", root, None, tmp_path / "work4")
+    assert bids_dir == tmp_path / "work4" / "hcp_bids"
+    assert sorted(p.name for p in bids_dir.glob("sub-*")) == ["sub-200109", "sub-200210"]
+    assert sorted(p.name for p in masks.glob("sub-*")) == ["sub-200109", "sub-200210"]
+    with pytest.raises(ValueError, match="needs --participant-label"):
+        prepare_hcp_input("fetch", tmp_path / "bids5", [], tmp_path / "work5")
+
 
 def test_hcp_tree_errors(source, tmp_path):
     with pytest.raises(HCPInputError):
@@ -544,11 +552,13 @@ def test_fetch_convert_then_vaemap_participant(source, s3, reader_env, tmp_path)
     import torch
 
     from vaemap_bids.cli.run import main as vaemap_main
-    from vaemap_bids.interfaces.hcp import run_hcp_fetch
+    from vaemap_bids.interfaces.hcp import prepare_hcp_input
 
     torch.set_num_threads(1)
     bids_dir, out_dir, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
-    sub = run_hcp_fetch([f"sub-{SUBJECT}"], bids_dir, work / "fetch")[0]
+    got_bids, masks = prepare_hcp_input("fetch", bids_dir, [f"sub-{SUBJECT}"], work / "fetch")
+    assert (got_bids, masks) == (bids_dir, bids_dir / "derivatives" / "hcp-mask")
+    sub = hcp.convert_hcp_subject(bids_dir / "sourcedata" / "HCP_1200", SUBJECT, bids_dir)
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_CONFIG)
     # what `vaemap --fetch-hcp` does around its graph: Nipype records every node's environment

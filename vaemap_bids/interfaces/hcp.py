@@ -177,3 +177,40 @@ def run_hcp_fetch(subjects, bids_dir, work_dir, *, hcp_root=None, profile=None,
             out.subject, Path(out.bids_dir), Path(out.dwi), Path(out.bval), Path(out.bvec),
             Path(out.sidecar), Path(out.mask), Path(out.mask_derivatives_dir))
     return [done[s] for s in subjects]
+
+
+def prepare_hcp_input(input_type: str, source_dir, participant_labels, work_dir, *,
+                      bids_dir=None, profile=None, endpoint_url=None, plugin="Linear",
+                      plugin_args=None, progress=False) -> tuple[Path, Path]:
+    """What ``vaemap --fetch-hcp`` / ``--input-type hcp`` run before the participant graph.
+
+    - ``input_type="fetch"``: download ``participant_labels`` (required) and convert them into
+      ``source_dir``, which is BIDS_DIR (created when missing).
+    - ``input_type="hcp"``: ``source_dir`` is an HCP tree (``<id>/T1w/Diffusion``); convert the
+      labels (default: every subject there) into ``bids_dir`` (default ``work_dir/hcp_bids``;
+      hard links, so no second copy of the images on the same file system).
+
+    Returns ``(bids_dir, mask_derivatives_dir)``: run the participant level on the first, with
+    the second added to ``--derivatives``. Raises ValueError (usage, exit 64) and HCPError
+    (``exit_code``), secrets kept out of the work dir as in :func:`run_hcp_fetch`."""
+    from ..dataset.hcp import list_hcp_subjects, mask_derivatives_dir
+
+    labels = [str(s)[4:] if str(s).startswith("sub-") else str(s)
+              for s in (participant_labels or [])]
+    if input_type == "fetch":
+        if not labels:
+            raise ValueError("--fetch-hcp needs --participant-label (the HCP subject IDs)")
+        target, hcp_root = Path(source_dir), None
+    elif input_type == "hcp":
+        hcp_root = Path(source_dir)
+        labels = labels or list_hcp_subjects(hcp_root)
+        if not labels:
+            raise hcp_errors.HCPSubjectNotFoundError(
+                f"no subject with T1w/Diffusion data in {hcp_root}")
+        target = Path(bids_dir) if bids_dir else Path(work_dir) / "hcp_bids"
+    else:
+        raise ValueError(f"unknown HCP input type {input_type!r} (fetch or hcp)")
+    run_hcp_fetch(labels, target, Path(work_dir), hcp_root=hcp_root, profile=profile,
+                  endpoint_url=endpoint_url, plugin=plugin, plugin_args=plugin_args,
+                  progress=progress)
+    return target, mask_derivatives_dir(target)
