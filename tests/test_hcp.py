@@ -192,6 +192,12 @@ def test_second_run_transfers_nothing(reader_env, proxy, tmp_path):
     assert {method for method, _, _ in later} == {"HEAD"}
 
 
+def test_cli_shows_a_progress_bar(reader_env, tmp_path, capsys):
+    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT]) == 0
+    err = capsys.readouterr().err
+    assert f"{SUBJECT} data.nii.gz: 100%" in err                      # tqdm, on stderr
+
+
 def test_explicit_endpoint_overrides_environment(s3, reader_env, proxy, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{hcp_s3.closed_port()}")
     hcp.fetch_hcp_subject(SUBJECT, tmp_path, endpoint_url=proxy.url, progress=False)
