@@ -109,3 +109,28 @@ def test_work_dir_inside_bids_dir_refused(capsys, tmp_path, bids_dir):
                  str(bids_dir / "work")])
     assert code == 64 and "work dir must not be inside BIDS_DIR" in capsys.readouterr().err
     assert not (bids_dir / "work").exists()
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_graph_flags_gpu_nodes(tmp_path, bids_dir, device):
+    """Every fit node asks for a GPU slot on cuda (and none on cpu), so MultiProc's n_gpu_procs
+    never runs two trainings on one GPU; built without running, so no GPU is needed."""
+    from vaemap_bids.dataset.bids import collect_dwi_series, plan_series
+    from vaemap_bids.workflows.base import init_vaemap_wf
+
+    series = collect_dwi_series(bids_dir, ["01"])
+    plans = [plan_series(s, ["msdki", "ballstick"], False) for s in series]
+    config = Config(bids_dir=str(bids_dir), output_dir=str(tmp_path / "out"),
+                    work_dir=str(tmp_path / "work"), resolved_device=device, nprocs=4,
+                    omp_nthreads=2, methods=["lsq", "vaegmm"])
+    wf = init_vaemap_wf(config, plans)
+    fits = [n for n in wf._get_all_nodes() if n.name.startswith("fit_")]
+    assert sorted(n.name for n in fits) == ["fit_ballstick_lsq", "fit_ballstick_vaegmm",
+                                            "fit_msdki_lsq", "fit_msdki_vaegmm"]
+    assert all(n.is_gpu_node() == (device == "cuda") for n in fits)
+    assert all(n.n_procs == 2 and n.inputs.device == device and n.inputs.seed == 0 for n in fits)
+    assert all(0 < n.mem_gb <= config.effective_mem_gb() for n in wf._get_all_nodes())
+    args = config.nipype_plugin_args()
+    assert ("n_gpu_procs" in args) == (device == "cuda")
+    if device == "cuda":
+        assert args["n_gpu_procs"] >= 1

@@ -145,3 +145,7 @@ def _drop_none(obj):
         return [_drop_none(v) for v in obj if v is not None]
     return obj
 
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a helper process (the BIDS validator): ours, plus ``extra``."""
+    return {**os.environ, **extra}

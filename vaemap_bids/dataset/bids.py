@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -79,9 +78,11 @@ def run_bids_validator(bids_dir, scratch_dir=None, timeout_s: float = 1800) -> V
     cmd = _deno_validator_command()
     if cmd is None:
         return None
-    env = dict(os.environ, NO_COLOR="1", DENO_NO_UPDATE_CHECK="1")
+    from ..config import subprocess_env
+    extra = {"NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1"}
     if scratch_dir is not None:  # deno keeps a cache; keep it out of $HOME (read-only in containers)
-        env["DENO_DIR"] = str(Path(scratch_dir) / "deno")
+        extra["DENO_DIR"] = str(Path(scratch_dir) / "deno")
+    env = subprocess_env(**extra)
     try:
         proc = subprocess.run([*cmd, str(bids_dir), "--format", "json"], capture_output=True,
                               text=True, timeout=timeout_s, env=env)
