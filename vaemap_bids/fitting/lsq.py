@@ -393,19 +393,20 @@ class _BallStickProblem:
                                device=device)
         self.span = torch.tensor([specs[k].hi - specs[k].lo for k in ("stickfrac", "dpar", "diso")],
                                  dtype=dtype, device=device)
-        hi = self.lo + self.span
-        # grid points strictly inside the bounds, so that their raw values are finite
-        inner = lambda v, i: np.clip(np.asarray(v, dtype=float),  # noqa: E731
-                                     float(self.lo[i] + 0.01 * self.span[i]),
-                                     float(hi[i] - 0.01 * self.span[i]))
-        self.grid_dpar = torch.as_tensor(inner(grid_dpar, 1), dtype=dtype, device=device)
-        self.grid_diso = torch.as_tensor(inner(grid_diso, 2), dtype=dtype, device=device)
+        self.grid_dpar = self._inside(grid_dpar, specs["dpar"])
+        self.grid_diso = self._inside(grid_diso, specs["diso"])
         # DTI design for the start direction: log S = log S0 - b g^T D g, ordinary least squares
         bv, gv = acq.bvals, acq.bvecs
         design = np.stack([np.ones_like(bv), -bv * gv[:, 0] ** 2, -bv * gv[:, 1] ** 2,
                            -bv * gv[:, 2] ** 2, -2 * bv * gv[:, 0] * gv[:, 1],
                            -2 * bv * gv[:, 0] * gv[:, 2], -2 * bv * gv[:, 1] * gv[:, 2]], 1)
         self.dti_pinv = torch.as_tensor(np.linalg.pinv(design).T, dtype=dtype, device=device)
+
+    def _inside(self, values, spec) -> torch.Tensor:
+        """Grid values moved strictly inside the bounds, so that their raw values are finite."""
+        margin = 0.01 * (spec.hi - spec.lo)
+        values = np.clip(np.asarray(values, dtype=float), spec.lo + margin, spec.hi - margin)
+        return torch.as_tensor(values, dtype=self.dtype, device=self.device)
 
     # -- forward model and its Jacobian, written out ----------------------------------------
     # raw = (logit f, logit Dpar, logit Diso, unit n). A step moves the three scalars and n in
