@@ -321,6 +321,18 @@ def test_multipart_etag_is_not_taken_for_an_md5(s3, reader_env, tmp_path):
     assert head["ETag"].endswith('-1"') and remote.md5 is None
 
 
+def test_a_second_concurrent_fetch_of_a_subject_is_refused(reader_env, tmp_path):
+    import fcntl
+    folder = tmp_path / SUBJECT / "T1w" / "Diffusion"
+    folder.mkdir(parents=True)
+    with open(folder / hcp_fetch.LOCK_NAME, "a") as held:       # as a running fetch holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        with pytest.raises(hcp.HCPBusyError, match="another process") as info:
+            hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)
+        assert info.value.exit_code == 75
+    hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)     # released: fine
+
+
 def test_complete_file_without_record_is_checked_by_md5(source, reader_env, proxy, tmp_path):
     folder = tmp_path / SUBJECT / "T1w" / "Diffusion"
     folder.mkdir(parents=True)

@@ -29,7 +29,7 @@ from .. import __version__
 from .hcp_convert import (MASK_DERIVATIVE, ConvertedSubject, convert_hcp_subject,
                           hcp_dwi_metadata, list_hcp_subjects, mask_derivatives_dir)
 from .hcp_errors import (EXIT_BAD_DATA, EXIT_CANNOT_CREATE_OUTPUT, EXIT_MISSING_INPUT,
-                         EXIT_NO_DATA, EXIT_TEMPORARY_FAILURE, HCPAccessDeniedError,
+                         EXIT_NO_DATA, EXIT_TEMPORARY_FAILURE, HCPAccessDeniedError, HCPBusyError,
                          HCPCredentialsError, HCPDataError, HCPError, HCPInputError,
                          HCPNetworkError, HCPOutputError, HCPSubjectNotFoundError)
 from .hcp_fetch import (HCP_BUCKET, HCP_DIFFUSION_FILES, HCP_RELEASE, SECRET_ENV_VARS,
@@ -42,7 +42,7 @@ __all__ = [
     "EXIT_TEMPORARY_FAILURE",
     "ConvertedSubject", "FetchResult", "StashedCredentials",
     "HCPError", "HCPSubjectNotFoundError", "HCPDataError", "HCPCredentialsError",
-    "HCPAccessDeniedError", "HCPInputError", "HCPOutputError", "HCPNetworkError",
+    "HCPAccessDeniedError", "HCPInputError", "HCPOutputError", "HCPNetworkError", "HCPBusyError",
     "fetch_hcp_subject", "convert_hcp_subject", "fetch_and_convert", "convert_hcp_tree",
     "list_hcp_subjects", "default_download_root", "mask_derivatives_dir", "diffusion_dir",
     "hcp_dwi_metadata", "stash_env_credentials", "scrub_environ", "mask_key_id", "safe_url",

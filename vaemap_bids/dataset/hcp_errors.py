@@ -18,6 +18,8 @@ HCPOutputError                   73  BIDS_DIR (or the download folder) cannot be
 HCPNetworkError                  75  network failure after retries with back-off, 5xx, a
                                      transfer corrupted in transit: run the command again
                                      (downloads resume)
+HCPBusyError                     75  another process is downloading the same subject into
+                                     the same folder
 =============================  ====  ===================================================
 
 Messages never contain credentials: at most the credential *source* (``env``,
@@ -70,3 +72,7 @@ def output_error(path, exc: OSError, doing: str = "write") -> HCPOutputError:
     """An HCPOutputError naming the path and the system's reason (disk full, read-only, ...)."""
     reason = exc.strerror or type(exc).__name__
     return HCPOutputError(f"cannot {doing} {path}: {reason}")
+
+
+class HCPBusyError(HCPError):
+    exit_code = EXIT_TEMPORARY_FAILURE

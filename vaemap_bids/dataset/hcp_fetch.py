@@ -24,6 +24,7 @@ HCP tree on disk, so the converter reads both the same way).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,8 +38,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import naming
-from .hcp_errors import (HCPAccessDeniedError, HCPCredentialsError, HCPError, HCPInputError,
-                         HCPNetworkError, HCPOutputError, HCPSubjectNotFoundError, output_error)
+from .hcp_errors import (HCPAccessDeniedError, HCPBusyError, HCPCredentialsError, HCPError,
+                         HCPInputError, HCPNetworkError, HCPOutputError,
+                         HCPSubjectNotFoundError, output_error)
 
 log = logging.getLogger("vaemap.hcp")
 
@@ -49,6 +51,7 @@ HCP_REGION = "us-east-1"
 #: The four files of ``T1w/Diffusion``, small ones first so that a 403/404 shows before 1.3 GB.
 HCP_DIFFUSION_FILES = ("bvals", "bvecs", "nodif_brain_mask.nii.gz", "data.nii.gz")
 MANIFEST_NAME = ".vaemap-fetch.json"
+LOCK_NAME = ".vaemap-fetch.lock"
 PART_SUFFIX = ".part"
 
 #: Environment variables that hold secrets (removed from Nipype-recorded environments).
@@ -581,15 +584,39 @@ def fetch_hcp_subject(subject: str, dest_root, *, profile: str | None = None,
              subject, bucket, release, subject, conn.endpoint, conn.credential_source, directory)
     remotes = [fetcher.head(name) for name in files]  # every 403/404 before any big transfer
     ensure_writable_dir(directory)
-    manifest = _Manifest(directory)
-    _check_free_space(directory, remotes)
-    result = FetchResult(subject, directory, {r.name: directory / r.name for r in remotes})
-    for remote in remotes:
-        fetcher.download(remote, directory / remote.name, manifest, progress, chunk_size, result)
+    with _subject_lock(directory, subject):
+        manifest = _Manifest(directory)
+        _check_free_space(directory, remotes)
+        result = FetchResult(subject, directory, {r.name: directory / r.name for r in remotes})
+        for remote in remotes:
+            fetcher.download(remote, directory / remote.name, manifest, progress, chunk_size,
+                             result)
     log.info("HCP subject %s: %d downloaded, %d resumed, %d already there (%.1f MB transferred)",
              subject, len(result.downloaded), len(result.resumed), len(result.skipped),
              result.bytes_transferred / 1e6)
     return result
+
+
+@contextlib.contextmanager
+def _subject_lock(directory: Path, subject: str):
+    """One fetch per subject folder at a time: two writers of one ``.part`` would interleave.
+    An advisory ``flock`` (released by the kernel if the process dies); where the file system
+    has no locks, the fetch goes on unlocked."""
+    import fcntl
+    path = directory / LOCK_NAME
+    try:
+        fobj = open(path, "a")
+    except OSError as exc:
+        raise output_error(path, exc) from None
+    with fobj:
+        try:
+            fcntl.flock(fobj.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HCPBusyError(f"another process is downloading HCP subject {subject} into "
+                               f"{directory}; run again when it has finished") from None
+        except OSError:  # no lock support (some network file systems)
+            pass
+        yield
 
 
 def _check_free_space(directory: Path, remotes: list[RemoteFile]) -> None:
