@@ -263,7 +263,8 @@ def browser_check(page: Path, tmp: Path, png: Path | None = None) -> tuple[dict,
         res = _browser(args, probe.as_uri(), tmp)
     finally:
         probe.unlink()
-    m = re.search(r'<pre id="vaemap-probe">(.*?)</pre>', res.stdout, re.S)
+
+    m = re.search(r'<pre id="vaemap-probe"[^>]*>(.*?)</pre>', res.stdout, re.S)
     assert m, f"the probe did not run in chromium: {res.stderr[-2000:]}"
     result = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     result["log_errors"] = [line for line in res.stderr.splitlines()
@@ -380,6 +381,8 @@ def test_group_level_tables_and_page(real_run):
     assert doc.get_element_by_id("model-ballstick") is not None
     assert len(doc.xpath("//img[starts-with(@src, 'data:image/png;base64,')]")) == 1
     assert "All 2 expected subjects have complete outputs" in doc.text_content()
+    bidsignore = (out / ".bidsignore").read_text().splitlines()
+    assert "group_*.tsv" in bidsignore and "*.html" in bidsignore  # the workflow's lines are kept
 
 
 def test_pages_render_in_headless_chromium(real_run, tmp_path):
@@ -399,7 +402,8 @@ def test_pages_render_in_headless_chromium(real_run, tmp_path):
         assert probe["images"] > 0 and probe["broken"] == [] and probe["errors"] == [], probe
         assert probe["log_errors"] == []
         assert img.shape[:2] == (3000, 1400)
-        assert img.std() > 10 and len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # not blank
+        colours = np.unique(img.reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1]))
+        assert img.std() > 10 and colours.size > 50  # not blank: text, tables and figures drawn
     TIMINGS["chromium (probe + screenshots)"] = time.perf_counter() - t0
 
 

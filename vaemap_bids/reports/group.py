@@ -190,6 +190,18 @@ def _series_label(key: tuple) -> str:
                     + ([f"run-{run}"] if run else []))
 
 
+GROUP_TABLE_PATTERN = "group_*.tsv"
+
+
+def ensure_bidsignore(output_dir: Path) -> None:
+    """Add the group tables to OUTPUT_DIR/.bidsignore (the validator does not know them)."""
+    path = Path(output_dir) / ".bidsignore"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    if GROUP_TABLE_PATTERN not in (line.strip() for line in lines):
+        lines += ["# vaemap group level tables", GROUP_TABLE_PATTERN]
+        write_text(path, "\n".join(lines) + "\n")
+
+
 def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
     """Write the group tables and ``group.html`` from the participant outputs in ``output_dir``.
 
@@ -240,6 +252,8 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
                                  str(r.get("run") or ""), rank.get(r["method"], len(rank)),
                                  r["method"], prank.get(r["param"], len(prank)), r["param"]))
         write_tsv(output_dir / f"group_{model}.tsv", rows)
+    if rows_by_model:
+        ensure_bidsignore(output_dir)
     with tempfile.TemporaryDirectory(prefix=".vaemap-group-", dir=output_dir) as tmp:
         blocks = [_model_block(model, rows, output_dir, Path(tmp))
                   for model, rows in sorted(rows_by_model.items())]
