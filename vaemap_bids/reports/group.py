@@ -205,8 +205,8 @@ def ensure_bidsignore(output_dir: Path) -> None:
 def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
     """Write the group tables and ``group.html`` from the participant outputs in ``output_dir``.
 
-    Expected subjects: ``participant_labels`` when given, else the subjects of ``bids_dir`` when
-    given, else every subject with anything in ``output_dir``. Returns 0 when all of them are
+    Expected subjects: ``participant_labels`` when given, else the subjects of ``bids_dir`` that
+    have a DWI series when given, else every subject with anything in ``output_dir``. Returns 0 when all of them are
     complete, 66 when any is missing or incomplete (they are listed in the report) and 18 when
     there is no subject at all.
     """
@@ -216,8 +216,8 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
         return EXIT_INCOMPLETE
     if participant_labels:
         expected = sorted({clean_label(x) for x in participant_labels})
-    elif bids_dir is not None:
-        expected = subjects_in_bids(bids_dir)
+    elif bids_dir is not None:  # subjects without a DWI series have nothing to map
+        expected = [sub for sub in subjects_in_bids(bids_dir) if expected_prefixes(bids_dir, sub)]
     else:
         expected = subjects_in_output(output_dir)
     problems: dict[str, list[str]] = {}
