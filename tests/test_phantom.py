@@ -349,3 +349,66 @@ def test_small101d_alone_and_rerun(tmp_path):
         "README", "dataset_description.json", "participants.tsv", "sub-real1"]
     with pytest.raises(ValueError, match="subject"):
         convert_small_101d(tmp_path / "bids", subject="../x")
+
+
+# ---- vaemap-demo (without the participant run, which takes minutes) -------------------------
+
+def test_demo_config_is_a_valid_reduced_budget(tmp_path):
+    from vaemap_bids.fitting.options import default_options, load_config
+    from vaemap_bids.simulate.demo import write_demo_config
+
+    config = load_config(write_demo_config(tmp_path / "demo.yaml"))  # unknown keys would raise
+    for method in ("ssl", "vaeunig", "vaegmm"):
+        assert config[method]["epochs"] < default_options(method)["epochs"]
+    assert "REDUCED" in (tmp_path / "demo.yaml").read_text()
+
+
+def test_demo_main_builds_data_and_calls_vaemap(tmp_path, monkeypatch, capsys):
+    """``vaemap-demo`` builds both subjects, calls the BIDS-App with every model and method, and
+    compares what the app wrote with the truth (here the app is replaced by a stand-in that
+    writes the truth itself as the lsq maps, so every error must be 0)."""
+    import vaemap_bids.cli.run as cli_run
+    from vaemap_bids import naming
+    from vaemap_bids.simulate import demo
+
+    monkeypatch.setattr(demo, "PHANTOM_SHAPE", (12, 14, 10))
+    calls = []
+
+    def fake_vaemap(argv):
+        calls.append(argv)
+        out = Path(argv[1])
+        truth = Path(argv[0]).parent / "truth"
+        for path in (truth / "sub-phantom" / "dwi").glob("*desc-truth_param-*_dwimap.nii.gz"):
+            ent = {"subject": "phantom"}
+            param = naming.parse(path.name)["param"]
+            dest = out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "lsq", param)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest)
+        return 0
+
+    monkeypatch.setattr(cli_run, "main", fake_vaemap)
+    demo_dir = tmp_path / "demo"
+    assert demo.main(["--out-dir", str(demo_dir), "--device", "cpu", "--nprocs", "1"]) == 0
+    (argv,) = calls
+    assert argv[:3] == [str(demo_dir / "bids"), str(demo_dir / "out"), "participant"]
+    joined = " ".join(argv)
+    assert "--models msdki ballstick" in joined
+    assert "--methods lsq ssl vaeunig vaegmm" in joined
+    assert f"--config {demo_dir / 'demo_hyperparameters.yaml'}" in joined
+    assert "--device cpu" in joined and "--nprocs 1" in joined and f"-w {demo_dir / 'work'}" in joined
+    assert (demo_dir / "bids" / "sub-phantom").is_dir() and (demo_dir / "bids" / "sub-small101d").is_dir()
+    text = capsys.readouterr().out
+    assert "REDUCED" in text and "sub-phantom.html" in text
+    rows = demo.compare_with_truth(demo_dir / "out", demo._phantom_record(demo_dir / "bids",
+                                                                          demo_dir / "truth"))
+    assert {r["param"] for r in rows} == {"stickfrac", "dpar", "diso", "dir"}
+    assert all(r["median_abs_error"] < 1e-3 for r in rows)
+    # --keep reuses the data; a folder that is not a demo folder is refused.
+    stamp = (demo_dir / "bids" / "sub-phantom" / "dwi" / "sub-phantom_dwi.nii.gz").stat().st_mtime_ns
+    assert demo.main(["--out-dir", str(demo_dir), "--keep"]) == 0
+    assert (demo_dir / "bids" / "sub-phantom" / "dwi" / "sub-phantom_dwi.nii.gz").stat().st_mtime_ns == stamp
+    other = tmp_path / "not_demo"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    assert demo.main(["--out-dir", str(other)]) == 73
+    assert (other / "precious.txt").exists()
