@@ -24,6 +24,8 @@ METHOD_COLOURS = {"lsq": "#555555", "ssl": "#1f77b4", "vaeunig": "#ff7f0e", "vae
 CLUSTER_COLOURS = ("#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628",
                    "#f781bf", "#999999", "#66c2a5", "#ffd92f")
 DPI = 96
+#: Slices narrower than this (voxels, inside the mask's bounding box) get no zoomed inset.
+MIN_INSET_VOXELS = 20
 
 
 def figure_name(prefix: str, model: str | None, kind: str) -> str:
@@ -82,7 +84,8 @@ class SliceView:
         m2 = mask[:, :, self.k].T  # rows: y (posterior -> anterior), cols: x (left -> right)
         self.box = crop_box(m2)
         self.mask2d = m2[self.box]
-        self.inset = _inset_region(self.mask2d)
+        # a zoom of a slice only a few voxels across shows nothing new (e.g. dipy's 6x10x10 crop)
+        self.inset = _inset_region(self.mask2d) if min(self.mask2d.shape) >= MIN_INSET_VOXELS else None
 
     def __call__(self, vol: np.ndarray | None) -> np.ndarray | None:
         """2-D (or 2-D x channels) slice of ``vol``, NaN outside the mask."""
@@ -145,7 +148,7 @@ def _show(ax, image, view: SliceView, *, cmap=None, vmin=None, vmax=None, inset:
     art = ax.imshow(image, **kw)
     ax.set_facecolor("black")
     _blank(ax)
-    if inset:
+    if inset and view.inset is not None:
         r0, r1, c0, c1 = view.inset
         ins = ax.inset_axes([0.6, 0.0, 0.4, 0.4])  # about 2.2x the box: the paper's zoom
         ins.imshow(image, **kw)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..physics.acquisition import SHELL_TOLERANCE
+from ..physics.acquisition import B0_THRESHOLD, SHELL_TOLERANCE
 from ..physics.msdki import MSDKI_MAX_B
 
 #: Scale that makes the median absolute deviation a consistent estimate of a normal's sigma.
@@ -63,7 +63,7 @@ def msdki_b_max(shells: list[dict], max_b_smm2: float = MSDKI_MAX_B * 1e3) -> fl
     the largest non-zero shell at or below ``max_b_smm2`` (within the shell tolerance), or None."""
     tol = SHELL_TOLERANCE * 1e3
     used = [float(s["bval_smm2"]) for s in shells
-            if 50.0 <= float(s["bval_smm2"]) <= max_b_smm2 + tol]
+            if B0_THRESHOLD * 1e3 <= float(s["bval_smm2"]) <= max_b_smm2 + tol]
     return max(used) if used else None
 
 

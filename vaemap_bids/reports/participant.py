@@ -449,6 +449,7 @@ def generate_participant_report(output_dir, subject_label, *, bids_dir=None) -> 
         "methods": methods_text(series),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "vaemap_version": __version__,
+        "min_inset": F.MIN_INSET_VOXELS,
     }
     out = output_dir / f"sub-{subject}.html"
     write_text(out, render("participant.html", ctx))
