@@ -444,7 +444,11 @@ def synthetic(tmp_path_factory):
 
 
 def test_participant_report_with_sessions(synthetic):
+    stale = synthetic / "sub-01" / "figures" / "sub-01_ses-pre_model-ballstick_maps.png"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"from an earlier run")  # ball-stick did not run this time
     page = generate_participant_report(synthetic, "sub-01")
+    assert not stale.exists()
     doc = check_html(page)
     text = doc.text_content()
     assert "sub-01_ses-pre" in text and "sub-01_ses-post" in text

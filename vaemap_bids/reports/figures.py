@@ -28,8 +28,14 @@ DPI = 96
 MIN_INSET_VOXELS = 20
 
 
+#: The kinds of participant figures (the last part of their file names).
+FIGURE_KINDS = ("maps", "nrmse", "agreement", "training", "latent", "clusters", "std")
+
+
 def figure_name(prefix: str, model: str | None, kind: str) -> str:
     """File name of a report figure: ``<prefix>[_model-<model>]_<kind>.png``."""
+    if kind not in FIGURE_KINDS:
+        raise ValueError(f"unknown figure kind {kind!r}")
     return f"{prefix}{f'_model-{model}' if model else ''}_{kind}.png"
 
 

@@ -104,9 +104,11 @@ class _SeriesReport:
         self.fig_dir = fig_dir
         self.fig_href = fig_href
         self.mask = series.mask()
+        self.written: set[str] = set()
 
     def _fig(self, model: str | None, kind: str) -> tuple[Path, str]:
         name = F.figure_name(self.s.prefix, model, kind)
+        self.written.add(name)
         return self.fig_dir / name, f"{self.fig_href}/{name}"
 
     # ---- summary -----------------------------------------------------------------------------
@@ -439,7 +441,13 @@ def generate_participant_report(output_dir, subject_label, *, bids_dir=None) -> 
     fig_href = f"sub-{subject}/figures"
     fig_dir = output_dir / fig_href
     fig_dir.mkdir(parents=True, exist_ok=True)
-    blocks = [_SeriesReport(s, fig_dir, fig_href).build() for s in series]
+    reports = [_SeriesReport(s, fig_dir, fig_href) for s in series]
+    blocks = [r.build() for r in reports]
+    # figures of an earlier run that this page no longer shows (e.g. a model not run this time)
+    written = set().union(*(r.written for r in reports))
+    for old in fig_dir.glob(f"sub-{subject}*_*.png"):
+        if old.name not in written and old.stem.rsplit("_", 1)[-1] in F.FIGURE_KINDS:
+            old.unlink()
     ctx = {
         "title": f"vaemap: sub-{subject}",
         "subject": subject,
