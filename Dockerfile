@@ -17,11 +17,12 @@ ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c8
 FROM ${PYTHON_IMAGE} AS builder
 
 # No pip configuration file is read here (none exists in the base image), so every package comes
-# from the default index, PyPI. torch==2.13.0 there is the Linux x86_64 CUDA build: its wheel
-# depends on the nvidia-* wheels (cuDNN, cuBLAS, the CUDA runtime, NCCL, ...) at the exact
-# versions its metadata pins, so the CUDA libraries come inside wheels, as FastSurfer does.
-# No CUDA toolkit or driver is installed in the image: the driver comes from the host
-# (docker --gpus / NVIDIA Container Toolkit, apptainer --nv).
+# from the default index, PyPI. torch==2.13.0 there is the Linux x86_64 CUDA 13 build: its wheel
+# depends on the CUDA wheels (nvidia-*-cu13, cuda-toolkit, triton: cuDNN, cuBLAS, the runtime,
+# NCCL, ...) at versions its metadata pins (exactly, but for cuda-bindings, cuda-pathfinder and
+# nvidia-nvjitlink, which are ranges), so the CUDA libraries come inside wheels, as FastSurfer
+# does. No CUDA toolkit or driver is installed from elsewhere: the driver comes from the host
+# (docker --gpus / NVIDIA Container Toolkit, apptainer --nv) and must support CUDA 13.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -730,6 +730,14 @@ def test_container_like_install_and_readonly_run(tmp_path):
     assert _tree_digest(tf_home) == tf_before and not any(home.iterdir())
     description = json.loads((out / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative"
+    # the real validator (deno, bundled as a wheel) ran offline with HOME read-only, and
+    # --device auto chose the CPU here (no GPU)
+    run_configs = sorted(work.glob("config-*.toml"))
+    assert run_configs, "no run configuration in the work dir"
+    record = tomllib.loads(run_configs[-1].read_text())
+    record = record.get("vaemap", record)  # the settings sit under a [vaemap] table
+    assert record["validator"].startswith("bids-validator-deno"), record["validator"]
+    assert record["resolved_device"] == "cpu"
     entities = {"subject": "01"}
     dwi = out / naming.dwi_dir(entities)
     for method in ("lsq", "vaegmm"):
