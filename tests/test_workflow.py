@@ -169,14 +169,15 @@ def test_maps_against_phantom_truth(run):
         msk = _load(run["out"], method, "msk")[brain]
         assert np.isfinite(msd).all() and np.isfinite(msk).all()
         assert (msd > 0).all() and (msd < 3.5).all() and (msk >= 0).all() and (msk <= 3).all()
-        assert np.corrcoef(msd, truth["msd"])[0, 1] > 0.9, method
-        assert np.median(np.abs(msd - truth["msd"])) < 0.15, method
-        assert np.median(np.abs(msk - truth["msk"])) < 0.3, method
+        # measured on this phantom: r >= 0.96, median |error| <= 0.05 (msd) and 0.07 (msk)
+        assert np.corrcoef(msd, truth["msd"])[0, 1] > 0.93, method
+        assert np.median(np.abs(msd - truth["msd"])) < 0.1, method
+        assert np.median(np.abs(msk - truth["msk"])) < 0.15, method
     lsq = _load(run["out"], "lsq", "msd")[brain]
-    assert np.median(np.abs(lsq - truth["msd"]) / truth["msd"]) < 0.08
+    assert np.median(np.abs(lsq - truth["msd"]) / truth["msd"]) < 0.06
     nrmse = nib.load(run["out"] / "sub-01/dwi/sub-01_model-msdki_desc-lsq_stat-nrmse_dwimap.nii.gz"
                      ).get_fdata()[brain]
-    assert np.all((nrmse > 0) & (nrmse < 0.5))
+    assert np.all((nrmse > 0) & (nrmse < 0.2))  # SNR 30: about 0.04-0.08 measured
     dseg = nib.load(run["out"] / "sub-01/dwi/sub-01_model-msdki_desc-vaegmm_dseg.nii.gz")
     labels = np.asanyarray(dseg.dataobj)
     assert set(np.unique(labels[ours])) <= {1, 2, 3} and (labels[~ours] == 0).all()
