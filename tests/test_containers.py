@@ -518,17 +518,8 @@ def test_slurm_plugin_file_runs_a_workflow_through_sbatch(tmp_path, monkeypatch)
     from nipype.interfaces.utility import Function
 
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     log = tmp_path / "sbatch.log"
-    (bin_dir / "sbatch").write_text(
-        "#!/bin/bash\n"
-        f'echo "$@" >> {shlex.quote(str(log))}\n'
-        'script="${@: -1}"\n'
-        'bash "$script" > "${script%.sh}.out" 2>&1\n'
-        'echo "Submitted batch job $RANDOM"\n')
-    (bin_dir / "squeue").write_text("#!/bin/bash\nexit 0\n")  # nothing pending
-    for tool in ("sbatch", "squeue"):
-        (bin_dir / tool).chmod(0o755)
+    _fake_slurm(bin_dir, log)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("LOGNAME", os.environ.get("LOGNAME", "vaemap"))
 
@@ -548,6 +539,55 @@ def test_slurm_plugin_file_runs_a_workflow_through_sbatch(tmp_path, monkeypatch)
     assert results == {"first": 9, "second": 81}
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and all(c.startswith(settings["plugin_args"]["sbatch_args"]) for c in calls)
+
+
+def _fake_slurm(bin_dir: Path, log: Path) -> None:
+    """sbatch that runs the batch script at once and answers like SLURM; squeue: nothing pending."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    (bin_dir / "sbatch").write_text(
+        "#!/bin/bash\n"
+        f'echo "$@" >> {shlex.quote(str(log))}\n'
+        'script="${@: -1}"\n'
+        'bash "$script" > "${script%.sh}.out" 2>&1\n'
+        'echo "Submitted batch job $RANDOM"\n')
+    (bin_dir / "squeue").write_text("#!/bin/bash\nexit 0\n")
+    for tool in ("sbatch", "squeue"):
+        (bin_dir / tool).chmod(0o755)
+
+
+@pytest.mark.slow
+def test_vaemap_runs_with_the_shipped_slurm_plugin_file(tmp_path):
+    """`vaemap ... --use-plugin slurm_plugin.yml` (the HPC path of a native install): every node
+    goes through sbatch, and the maps come out."""
+    from vaemap_bids import naming
+    from vaemap_bids.simulate.phantom import write_phantom_dataset
+
+    log = tmp_path / "sbatch.log"
+    _fake_slurm(tmp_path / "bin", log)
+    bids = tmp_path / "bids"
+    write_phantom_dataset(bids, tmp_path / "truth", subjects=("01",), model="msdki",
+                          shape=(12, 14, 10), snr=40.0, seed=3)
+    hyper = tmp_path / "quick.yaml"
+    hyper.write_text(yaml.safe_dump({"vaegmm": {"epochs": 3, "warmup_epochs": 1,
+                                                "ramp_epochs": 1, "n_posterior_samples": 2}}))
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
+               LOGNAME=os.environ.get("LOGNAME", "vaemap"), NIPYPE_NO_ET="1", MPLBACKEND="Agg")
+    vaemap = Path(sys.executable).with_name("vaemap")
+    out = tmp_path / "out"
+    done = subprocess.run([str(vaemap), str(bids), str(out), "participant", "-w",
+                           str(tmp_path / "work"), "--models", "msdki", "--methods", "lsq",
+                           "vaegmm", "--config", str(hyper), "--skip-bids-validation",
+                           "--use-plugin", str(SLURM_PLUGIN)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    sbatch_args = yaml.safe_load(SLURM_PLUGIN.read_text())["plugin_args"]["sbatch_args"]
+    calls = log.read_text().splitlines()
+    assert len(calls) >= 3 and all(c.startswith(sbatch_args) for c in calls), calls
+    entities = {"subject": "01"}
+    dwi = out / naming.dwi_dir(entities)
+    for method in ("lsq", "vaegmm"):
+        for param in ("msd", "msk"):
+            assert (dwi / naming.map_name(entities, "msdki", method, param)).exists()
 
 
 # --------------------------------------------------------------------------------------------
