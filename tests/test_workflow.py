@@ -274,3 +274,27 @@ def test_console_script_exit_code(tmp_path):
                            "participant"], capture_output=True, text=True)
     assert proc.returncode == 66 and "BIDS_DIR" in proc.stderr and "Traceback" not in proc.stderr
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_given_derivative_mask_is_used(tmp_path):
+    """A QSIPrep-style desc-brain_mask in --derivatives replaces median_otsu and is written out."""
+    phantom = write_phantom_dataset(tmp_path / "bids", tmp_path / "truth", shape=(10, 12, 9),
+                                    seed=6)
+    deriv = tmp_path / "qsiprep" / "sub-01" / "dwi"
+    deriv.mkdir(parents=True)
+    given = deriv / "sub-01_desc-brain_mask.nii.gz"
+    truth_mask = nib.load(phantom["series"][0]["mask"])
+    data = np.asanyarray(truth_mask.dataobj).copy()
+    data[: data.shape[0] // 2] = 0  # half a brain: clearly not what median_otsu would find
+    nib.save(nib.Nifti1Image(data, truth_mask.affine, truth_mask.header), str(given))
+    code = vaemap(tmp_path / "bids", tmp_path / "out", "participant", "-w", tmp_path / "work",
+                  "--derivatives", tmp_path / "qsiprep", "--models", "msdki", "--methods", "lsq",
+                  "--nprocs", "1", "--skip-bids-validation")
+    assert code == 0
+    written = nib.load(tmp_path / "out/sub-01/dwi/sub-01_desc-brain_mask.nii.gz")
+    np.testing.assert_array_equal(np.asanyarray(written.dataobj) > 0, data > 0)
+    summary = json.loads((tmp_path / "out/sub-01/log/sub-01_summary.json").read_text())
+    assert summary["inputs"]["mask_source"] == f"given: {given}"
+    assert summary["mask"]["n_voxels"] == int((data > 0).sum())
+    msd = _load(tmp_path / "out", "lsq", "msd")
+    assert np.isfinite(msd[data > 0]).all() and np.isnan(msd[data == 0]).all()
