@@ -129,10 +129,11 @@ def main(argv=None) -> int:
            "--models", *args.models, "--methods", *args.methods, "--device", args.device,
            "--nprocs", str(args.nprocs)]
     if args.epochs:
-        budget = {"epochs": args.epochs, "warmup_epochs": max(1, args.epochs // 10),
-                  "ramp_epochs": max(1, args.epochs // 5)}
+        vae = {"epochs": args.epochs, "warmup_epochs": max(1, args.epochs // 10),
+               "ramp_epochs": max(1, args.epochs // 5)}
         args.config = root / "epochs.yaml"
-        args.config.write_text(json.dumps({m: budget for m in ("ssl", "vaeunig", "vaegmm")}))
+        args.config.write_text(json.dumps({"ssl": {"epochs": args.epochs}, "vaeunig": vae,
+                                           "vaegmm": vae}))
     if args.config:
         cli += ["--config", str(args.config)]
     if plugin == "Linear":
