@@ -36,9 +36,9 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "tanh": 
 LOGVAR_RANGE = (-20.0, 10.0)
 
 
-def mlp(n_in: int, width: int, n_hidden: int, n_out: int, activation: str = "relu") -> nn.Sequential:
+def mlp(n_in: int, width: int, n_hidden: int, n_out: int | None, activation: str = "relu") -> nn.Sequential:
     """``n_hidden`` fully connected layers of ``width`` units with ``activation``, then a linear
-    output layer of ``n_out`` units."""
+    output layer of ``n_out`` units (none when ``n_out`` is None)."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
     layers: list[nn.Module] = []
@@ -46,7 +46,8 @@ def mlp(n_in: int, width: int, n_hidden: int, n_out: int, activation: str = "rel
     for _ in range(n_hidden):
         layers += [nn.Linear(size, width), ACTIVATIONS[activation]()]
         size = width
-    layers.append(nn.Linear(size, n_out))
+    if n_out is not None:
+        layers.append(nn.Linear(size, n_out))
     return nn.Sequential(*layers)
 
 
@@ -150,7 +151,7 @@ class VAEUniG(PhysicsNet):
         mu, logvar = self.encode(s)
         z = mu + torch.exp(0.5 * logvar) * _normal(mu, generator)
         params, signal = self.decode(z)
-        return {"params": params, "signal": signal, "mu": mu, "logvar": logvar}
+        return {"params": params, "signal": signal, "mu": mu, "logvar": logvar, "z": z}
 
     def kl(self, out: dict) -> torch.Tensor:
         return gaussian_kl(out["mu"].float(), out["logvar"].float()).mean()
@@ -174,25 +175,42 @@ class VAEUniG(PhysicsNet):
         return {"params": params, "signal": signal, "mu": mu, "logvar": logvar}
 
     @torch.no_grad()
-    def sample_params(self, s: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return self.forward(s, generator)["params"]
+    def posterior_samples(self, s: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``n`` draws of the parameters from the posterior, shape (n, N, P): the encoder runs
+        once, the decoder once per draw of z."""
+        mu, logvar = self.encode(s)
+        sd = torch.exp(0.5 * logvar)
+        return torch.stack([self.decode(mu + sd * _normal(mu, generator))[0] for _ in range(n)])
 
 
 class VAEGMM(VAEUniG):
-    """VAE with a Gaussian-mixture prior: p(y) = Cat(1/K), p(z|y) = N(m_y, diag s_y^2)."""
+    """VAE with a Gaussian-mixture prior: p(y) = Cat(1/K), p(z|y) = N(m_y, diag s_y^2).
+
+    ``shared_encoder=False``: encoder 1 (S -> logits) and encoder 2 ((S, c) -> mu, log sigma^2)
+    are two MLPs of ``n_hidden`` layers. ``shared_encoder=True`` (the layout of the paper's Fig. 4
+    and code): one trunk of ``n_hidden`` layers h(S) feeds a linear head h -> logits and a linear
+    head (h, c) -> (mu, log sigma^2), so encoder 2 is still a function of (S, c), c shifts the
+    posterior mean by a learnt offset per component, and a step costs about half as much.
+    """
 
     method = "vaegmm"
 
     def __init__(self, model: SignalModel, hidden_width: int, latent_dim: int, n_components: int,
                  n_hidden: int = 3, activation: str = "relu", tau: float = 1.0,
-                 prior_spread: float = 1.0):
+                 prior_spread: float = 1.0, shared_encoder: bool = True):
         PhysicsNet.__init__(self, model)
         self.latent_dim = latent_dim
         self.n_components = n_components
         self.tau = float(tau)
         t = model.n_measurements
-        self.encoder_y = mlp(t, hidden_width, n_hidden, n_components, activation)
-        self.encoder = mlp(t + n_components, hidden_width, n_hidden, 2 * latent_dim, activation)
+        if shared_encoder:
+            self.trunk = mlp(t, hidden_width, n_hidden, None, activation)
+            self.encoder_y = nn.Linear(hidden_width, n_components)
+            self.encoder = nn.Linear(hidden_width + n_components, 2 * latent_dim)
+        else:
+            self.trunk = nn.Identity()
+            self.encoder_y = mlp(t, hidden_width, n_hidden, n_components, activation)
+            self.encoder = mlp(t + n_components, hidden_width, n_hidden, 2 * latent_dim, activation)
         self.decoder = nn.Linear(latent_dim, model.n_raw)
         # Distinct starting means (drawn under the caller's torch seed) so that the components
         # can separate; unit variances, like the N(0, I) prior of vaeunig.
@@ -202,11 +220,13 @@ class VAEGMM(VAEUniG):
     def set_temperature(self, tau: float) -> None:
         self.tau = float(tau)
 
-    def logits(self, s: torch.Tensor) -> torch.Tensor:
-        return self.encoder_y(s)
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of q(y|S) from the encoder input ``h = self.trunk(S)``."""
+        return self.encoder_y(h)
 
-    def encode_given(self, s: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.encoder(torch.cat([s, c.to(s.dtype)], dim=1)).chunk(2, dim=1)
+    def encode_given(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, log sigma^2) of q(z|S, c) from ``h = self.trunk(S)`` and ``c``."""
+        mu, logvar = self.encoder(torch.cat([h, c.to(h.dtype)], dim=1)).chunk(2, dim=1)
         return mu, logvar.clamp(*LOGVAR_RANGE)
 
     def prior_given(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,27 +236,33 @@ class VAEGMM(VAEUniG):
         var = c @ self.prior_logvar.clamp(*LOGVAR_RANGE).exp()
         return mean, var.log()
 
-    def _forward_c(self, s, c, z_noise: torch.Tensor | None) -> dict:
-        mu, logvar = self.encode_given(s, c)
+    def _forward_c(self, h, c, z_noise: torch.Tensor | None) -> dict:
+        mu, logvar = self.encode_given(h, c)
         z = mu if z_noise is None else mu + torch.exp(0.5 * logvar) * z_noise
         params, signal = self.decode(z)
-        return {"params": params, "signal": signal, "mu": mu, "logvar": logvar, "c": c}
+        return {"params": params, "signal": signal, "mu": mu, "logvar": logvar, "z": z, "c": c}
 
     def forward(self, s: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        logits = self.logits(s)
+        h = self.trunk(s)
+        logits = self.logits(h)
         c = gumbel_softmax(logits.float(), self.tau, generator)
         mu_shape = torch.empty(s.shape[0], self.latent_dim, device=s.device)
-        out = self._forward_c(s, c, _normal(mu_shape, generator))
+        out = self._forward_c(h, c, _normal(mu_shape, generator))
         out["logits"] = logits
         return out
 
-    def deterministic_c(self, logits: torch.Tensor) -> torch.Tensor:
-        """The noiseless relaxation softmax(logits / tau) at the current (final) temperature."""
-        return F.softmax(logits.float() / self.tau, dim=1)
+    @staticmethod
+    def deterministic_c(logits: torch.Tensor) -> torch.Tensor:
+        """The one-hot of the most probable component, argmax q(y|S). At the final (low)
+        temperature the Gumbel-softmax samples that encoder 2 was trained on are nearly one-hot,
+        so this input is in their distribution; a soft softmax(logits / tau) is not when q(y|S)
+        is undecided between components."""
+        return F.one_hot(logits.argmax(dim=1), logits.shape[1]).float()
 
     def deterministic_forward(self, s: torch.Tensor) -> dict:
-        logits = self.logits(s)
-        out = self._forward_c(s, self.deterministic_c(logits), None)
+        h = self.trunk(s)
+        logits = self.logits(h)
+        out = self._forward_c(h, self.deterministic_c(logits), None)
         out["logits"] = logits
         return out
 
@@ -251,11 +277,25 @@ class VAEGMM(VAEUniG):
         return kl_y + kl_z
 
     @torch.no_grad()
+    def posterior_samples(self, s: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """``n`` draws from q(y, z | S): c by Gumbel-softmax at the current (final) temperature,
+        then z from q(z | S, c); shape (n, N, P). Encoder 1 runs once."""
+        h = self.trunk(s)
+        logits = self.logits(h).float()
+        draws = []
+        for _ in range(n):
+            c = gumbel_softmax(logits, self.tau, generator)
+            mu, logvar = self.encode_given(h, c)
+            draws.append(self.decode(mu + torch.exp(0.5 * logvar) * _normal(mu, generator))[0])
+        return torch.stack(draws)
+
+    @torch.no_grad()
     def posterior_mean(self, s: torch.Tensor) -> dict:
-        """Maps from decoder(mu(S, c)) with c = softmax(logits / tau_end) (no Gumbel noise);
+        """Maps from decoder(mu(S, c)) with c the one-hot of argmax q(y|S) (no Gumbel noise);
         responsibilities are q(y|S) = softmax(logits)."""
-        logits = self.logits(s)
-        mu, _ = self.encode_given(s, self.deterministic_c(logits))
+        h = self.trunk(s)
+        logits = self.logits(h)
+        mu, _ = self.encode_given(h, self.deterministic_c(logits))
         return {"params": self.decode(mu)[0], "latent_mean": mu,
                 "responsibilities": F.softmax(logits.float(), dim=1)}
 
@@ -271,5 +311,5 @@ def build_network(method: str, model: SignalModel, opts: dict) -> PhysicsNet:
     if method == "vaegmm":
         return VAEGMM(model, width, int(opts["latent_dim"]), int(opts["n_components"]),
                       tau=float(opts["tau_start"]), prior_spread=float(opts["prior_spread"]),
-                      **common)
+                      shared_encoder=bool(opts.get("shared_encoder", True)), **common)
     raise ValueError(f"{method!r} is not a network method; choose from ssl, vaeunig, vaegmm")

@@ -49,7 +49,7 @@ def _check_options(method: str, opts: dict) -> None:
             and math.isfinite(v)
 
     need("epochs", lambda v: is_int(v) and v >= 1, "an integer >= 1")
-    need("batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("batch_size", lambda v: v == "auto" or (is_int(v) and v >= 1), "'auto' or an integer >= 1")
     need("inference_batch_size", lambda v: is_int(v) and v >= 1, "an integer >= 1")
     need("lr", lambda v: is_num(v) and v > 0, "a number > 0")
     need("weight_decay", lambda v: is_num(v) and v >= 0, "a number >= 0")
@@ -59,8 +59,12 @@ def _check_options(method: str, opts: dict) -> None:
     need("n_hidden_layers", lambda v: is_int(v) and v >= 1, "an integer >= 1")
     need("activation", lambda v: v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}")
     need("allow_tf32", lambda v: isinstance(v, bool), "true or false")
+    need("shared_encoder", lambda v: isinstance(v, bool), "true or false")
     need("latent_dim", lambda v: is_int(v) and v >= 1, "an integer >= 1")
-    need("beta", lambda v: is_num(v) and v >= 0, "a number >= 0")
+    need("beta", lambda v: v == "auto" or (is_num(v) and v >= 0), "'auto' or a number >= 0")
+    if opts.get("beta") == "auto" and int(opts.get("warmup_epochs", 0)) < 1:
+        raise ValueError(f"{method}: beta='auto' needs warmup_epochs >= 1 (the noise variance is "
+                         "estimated at the end of the warm-up)")
     need("warmup_epochs", lambda v: is_int(v) and v >= 0, "an integer >= 0")
     need("ramp_epochs", lambda v: is_int(v) and v >= 0, "an integer >= 0")
     need("n_posterior_samples", lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2")
@@ -73,6 +77,21 @@ def _check_options(method: str, opts: dict) -> None:
                          f"tau_start={opts['tau_start']} (the temperature is annealed down)")
 
 
+#: ``batch_size: auto`` gives about this many Adam steps per epoch, within AUTO_BATCH_RANGE: small
+#: data sets (a 10k-voxel simulation) keep enough steps per epoch to converge in tens of epochs,
+#: and a whole brain (~1M voxels) gets the large batches that keep a GPU busy.
+AUTO_STEPS_PER_EPOCH = 64
+AUTO_BATCH_RANGE = (256, 8192)
+
+
+def resolve_batch_size(batch_size, n_train: int) -> int:
+    """Voxels per step for ``n_train`` training voxels (``"auto"`` or an integer)."""
+    if batch_size == "auto":
+        lo, hi = AUTO_BATCH_RANGE
+        batch_size = min(hi, max(lo, n_train // AUTO_STEPS_PER_EPOCH))
+    return max(1, min(int(batch_size), n_train))
+
+
 def schedule_length(opts: dict) -> int:
     """Epochs until the KL weight and the temperature reach their final values."""
     return int(opts.get("warmup_epochs", 0)) + int(opts.get("ramp_epochs", 0))
@@ -80,15 +99,26 @@ def schedule_length(opts: dict) -> int:
 
 def beta_at(epoch: int, opts: dict) -> float:
     """KL weight of 0-based ``epoch``: 0 during ``warmup_epochs``, then a linear ramp that reaches
-    ``beta`` after ``ramp_epochs`` more epochs, then constant."""
+    ``beta`` after ``ramp_epochs`` more epochs, then constant. (``beta: auto`` is replaced by its
+    value at the end of the warm-up, see :func:`auto_beta`.)"""
     if "beta" not in opts:
         return 0.0
-    warm, ramp, final = int(opts["warmup_epochs"]), int(opts["ramp_epochs"]), float(opts["beta"])
+    warm, ramp = int(opts["warmup_epochs"]), int(opts["ramp_epochs"])
     if epoch < warm:
         return 0.0
+    final = float(opts["beta"])
     if ramp == 0:
         return final
     return final * min(1.0, (epoch - warm + 1) / ramp)
+
+
+def auto_beta(noise_variance: float, n_measurements: int) -> float:
+    """The KL weight that makes ``MSE + beta * KL`` the negative ELBO of a Gaussian likelihood
+    with noise variance sigma^2, divided by T / (2 sigma^2): beta = 2 sigma^2 / T. sigma^2 is the
+    held-out reconstruction MSE at the end of the warm-up (beta = 0, a plain autoencoder), i.e.
+    the noise variance of these data (plus any model misfit), so the KL weight follows the
+    SNR of the data instead of being fixed by hand."""
+    return 2.0 * float(noise_variance) / int(n_measurements)
 
 
 def tau_at(epoch: int, opts: dict) -> float:
@@ -146,7 +176,7 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
     device = data.device
     train_idx, val_idx = _split(data.shape[0], float(opts["validation_fraction"]), generator, device)
     n_train = int(train_idx.numel())
-    batch = min(int(opts["batch_size"]), n_train)
+    batch = resolve_batch_size(opts["batch_size"], n_train)
     chunk = int(opts["inference_batch_size"])
     optimiser = torch.optim.Adam(net.parameters(), lr=float(opts["lr"]),
                                  weight_decay=float(opts.get("weight_decay", 0.0)))
@@ -155,6 +185,7 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
     if net.method == "vaegmm":
         history["tau"] = []
     best, best_state, best_epoch, waited = math.inf, None, -1, 0
+    resolved = {}
     net.train()
     bar = tqdm(range(int(opts["epochs"])), desc=desc, unit="epoch", disable=not progress,
                leave=False)
@@ -177,6 +208,10 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
             raise FloatingPointError(f"{desc}: training loss became {loss} at epoch {epoch + 1}; "
                                      "lower the learning rate")
         val = validation_loss(net, data, val_idx, beta, chunk) if val_idx.numel() else math.nan
+        if opts.get("beta") == "auto" and epoch == int(opts["warmup_epochs"]) - 1:
+            noise_var = val if math.isfinite(val) else recon  # beta is 0 here: loss = MSE
+            opts = dict(opts, beta=auto_beta(noise_var, data.shape[1]))
+            resolved = {"noise_variance": noise_var, "beta": opts["beta"]}
         for key, value in (("loss", loss), ("recon", recon), ("kl", kl), ("beta", beta),
                            ("val_loss", val)):
             history[key].append(value)
@@ -200,7 +235,8 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
         net.set_temperature(float(opts["tau_end"]))
     net.eval()
     return {"history": history, "best_epoch": best_epoch + 1, "epochs_run": epoch + 1,
-            "n_train": n_train, "n_validation": int(val_idx.numel())}
+            "n_train": n_train, "n_validation": int(val_idx.numel()), "batch_size": batch,
+            "resolved": resolved}
 
 
 # ---- inference -------------------------------------------------------------------------------
@@ -216,8 +252,7 @@ def predict(net: PhysicsNet, data: torch.Tensor, *, chunk: int, n_samples: int =
         s = data[start:start + chunk]
         out = dict(net.posterior_mean(s))
         if net.is_vae and n_samples >= 2:
-            draws = torch.stack([net.sample_params(s, generator) for _ in range(n_samples)])
-            out["std"] = draws.std(dim=0)
+            out["std"] = net.posterior_samples(s, n_samples, generator).std(dim=0)
         for key, value in out.items():
             parts.setdefault(key, []).append(value.float().cpu().numpy())
     return {key: np.concatenate(value) for key, value in parts.items()}
@@ -259,7 +294,11 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
     hyper = dict(opts)
     hyper.update(hidden_width=int(opts.get("hidden_width") or model.n_measurements),
                  best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
-                 n_train=info["n_train"], n_validation=info["n_validation"])
+                 n_train=info["n_train"], n_validation=info["n_validation"],
+                 batch_size_used=info["batch_size"])
+    if "beta" in info["resolved"]:
+        hyper.update(beta_used=info["resolved"]["beta"],
+                     noise_variance_estimate=info["resolved"]["noise_variance"])
     hist = info["history"]
     log.info("%s/%s: %d epochs (best %d, val loss %.4g) on %s in %.1f s", model.name, method,
              info["epochs_run"], info["best_epoch"],
