@@ -33,8 +33,9 @@ DEMO_HYPERPARAMETERS = {
                "n_posterior_samples": 10},
 }
 DEMO_SUBJECTS = ("phantom", "small101d")
-#: The phantom: small enough for a laptop, large enough to look like a brain (about 6.4 mm).
-PHANTOM_SHAPE = (32, 38, 27)
+#: The phantom: small enough for a laptop (about 5,600 brain voxels of 7.1 mm), large enough to
+#: look like a brain.
+PHANTOM_SHAPE = (28, 34, 24)
 PHANTOM_SNR = 30.0
 PHANTOM_MODEL = "ballstick"
 _MARKER = ".vaemap-demo.json"
