@@ -160,7 +160,8 @@ def test_parameter_metrics_per_cluster_and_pooled():
 
 # ---- command line ----------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["--snr", "-1"], ["--methods", "nope"], ["--n-voxels", "2"],
-                                  ["--epochs", "0"], ["--sweep", "--snr", "10", "20"]])
+                                  ["--epochs", "0"], ["--sweep", "--snr", "10", "20"],
+                                  ["--sweep", "--betas", "lots"]])
 def test_cli_bad_arguments_exit_64(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         benchmark.main(argv + ["--out", str(tmp_path)])

@@ -499,7 +499,7 @@ def run_sweep(methods=SWEEP_METHODS, latent_dims=DEFAULT_LATENT_DIMS, betas=DEFA
             opts = resolve_options(config, method, epochs)
             if ld is not None:
                 opts[keys[method][0]] = int(ld)
-                opts[keys[method][1]] = float(be)
+                opts[keys[method][1]] = be
             t0 = time.perf_counter()
             res = fit(model, sim.noisy, method, device=dev, seed=int(seed), options=opts,
                       progress=progress)
@@ -544,7 +544,7 @@ def sweep_markdown(results: dict) -> str:
              "|---" * (3 + 2 * len(params)) + "|"]
     for row in results.get("summary", []):
         ld = "-" if row["latent_dim"] is None else row["latent_dim"]
-        be = "-" if row["beta"] is None else f"{row['beta']:g}"
+        be = "-" if row["beta"] is None else _beta_text(row["beta"])
         cells = [_fmt(row["rmse"][lab], 4) for lab in params] + [_fmt(row["r"][lab], 3) for lab in params]
         lines.append(f"| {row['method']} | {ld} | {be} | " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
@@ -584,7 +584,7 @@ def sweep_figure(results: dict, scatter: dict):
                 for b in range(len(betas)):  # dark text on the light (low) end of viridis_r
                     ax.text(b, a, f"{grid[a, b]:.3f}", ha="center", va="center", fontsize=7,
                             color="k" if grid[a, b] <= mid else "w")
-            ax.set_xticks(range(len(betas)), [f"{b:g}" for b in betas], fontsize=7)
+            ax.set_xticks(range(len(betas)), [_beta_text(b) for b in betas], fontsize=7)
             ax.set_yticks(range(len(lds)), [str(d) for d in lds], fontsize=7)
             ax.set_xlabel("KL weight", fontsize=8)
             ax.set_ylabel("latent dim", fontsize=8)
@@ -615,7 +615,7 @@ def sweep_figure(results: dict, scatter: dict):
             else:
                 axes[a, 0].axis("off")
         for b, be in enumerate(betas):
-            panel(axes[a, b + off], scatter[(m0, ld, be)][:, 0], f"latent {ld}, KL {be:g}")
+            panel(axes[a, b + off], scatter[(m0, ld, be)][:, 0], f"latent {ld}, KL {_beta_text(be)}")
     return fig
 
 
@@ -658,9 +658,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train the VAE methods over latent dimension x KL weight instead")
     sw.add_argument("--sweep-methods", nargs="+", choices=SWEEP_METHODS, default=list(SWEEP_METHODS))
     sw.add_argument("--latent-dims", nargs="+", type=int, default=list(DEFAULT_LATENT_DIMS))
-    sw.add_argument("--betas", nargs="+", type=float, default=list(DEFAULT_BETAS),
-                    help="final KL weights")
+    sw.add_argument("--betas", nargs="+", type=_beta_arg, default=list(DEFAULT_BETAS),
+                    help="final KL weights (numbers, or auto where the networks support it)")
     return p
+
+
+def _beta_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid KL weight {text!r} (a number or auto)") from None
+
+
+def _beta_text(beta) -> str:
+    return beta if isinstance(beta, str) else f"{beta:g}"
 
 
 def _check_args(p, args) -> None:
@@ -685,7 +698,7 @@ def _check_args(p, args) -> None:
         p.error("--seeds and --snr values must be distinct")
     if args.sweep and (len(args.snr) != 1):
         p.error("--sweep runs at one SNR; give a single --snr")
-    if args.sweep and (any(d < 1 for d in args.latent_dims) or any(b < 0 for b in args.betas)):
+    if args.sweep and (any(d < 1 for d in args.latent_dims) or any(not isinstance(b, str) and b < 0 for b in args.betas)):
         p.error("--latent-dims must be >= 1 and --betas >= 0")
 
 
