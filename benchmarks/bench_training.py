@@ -231,7 +231,20 @@ def bench_science(args) -> dict:
             np.array(m["vaegmm"]["rmse_pooled"]) < np.array(m["lsq"]["rmse_pooled"])))
         per_seed.append(row)
         print(science_table(row, sim.cluster_names), flush=True)
-    return {"snr": args.snr, "n_voxels": args.n, "options": overrides, "seeds": per_seed}
+    mean = {"seed": "mean", "methods": {}}
+    for method in per_seed[0]["methods"]:
+        rows = [r["methods"][method] for r in per_seed]
+        mean["methods"][method] = {
+            key: np.mean([r[key] for r in rows], axis=0).tolist()
+            for key in ("seconds", "rmse_pooled", "rmse_cluster")}
+    m = mean["methods"]
+    mean["vaegmm_beats_ssl_every_cluster"] = bool(np.all(
+        np.array(m["vaegmm"]["rmse_cluster"]) < np.array(m["ssl"]["rmse_cluster"])))
+    mean["vaegmm_beats_lsq_pooled"] = bool(np.all(
+        np.array(m["vaegmm"]["rmse_pooled"]) < np.array(m["lsq"]["rmse_pooled"])))
+    print(science_table(mean, sim.cluster_names), flush=True)
+    return {"snr": args.snr, "n_voxels": args.n, "options": overrides, "seeds": per_seed,
+            "mean_over_seeds": mean}
 
 
 def science_table(row: dict, names) -> str:

@@ -10,11 +10,13 @@ from vaemap_bids.fitting import fit
 from vaemap_bids.fitting.networks import (VAEGMM, VAEUniG, build_network, categorical_kl_uniform,
                                           gaussian_kl)
 from vaemap_bids.fitting.options import method_options
-from vaemap_bids.fitting.train import beta_at, fit_network, tau_at, train_network
+from vaemap_bids.fitting.train import (beta_at, fit_network, resolve_batch_size, tau_at,
+                                       train_network)
 from vaemap_bids.physics import make_model
 
 FAST = {"epochs": 15, "batch_size": 32, "lr": 3e-3, "patience": 4}
-VAE_FAST = dict(FAST, warmup_epochs=2, ramp_epochs=4, n_posterior_samples=8)
+# The VAEs converge more slowly than ssl (sampled z, a decoder behind the encoder): more epochs.
+VAE_FAST = dict(FAST, epochs=40, patience=8, warmup_epochs=2, ramp_epochs=4, n_posterior_samples=8)
 GMM_FAST = dict(VAE_FAST, tau_start=1.0, tau_end=0.3)
 OPTIONS = {"ssl": FAST, "vaeunig": VAE_FAST, "vaegmm": GMM_FAST}
 
@@ -81,7 +83,8 @@ def test_result_contents(msdki_data, fits):
         assert res.std.shape == (n, model.n_params)
         assert np.all(np.isfinite(res.std)) and np.all(res.std >= 0) and res.std.mean() > 0
         assert res.latent_mean.shape == (n, res.hyperparameters["latent_dim"])
-        assert {"loss", "recon", "kl", "beta", "val_loss"} <= set(res.history)
+        assert {"loss", "recon", "kl", "beta", "val_loss", "lr"} <= set(res.history)
+        assert np.all(np.diff(res.history["lr"]) <= 0)  # only ever decays
         assert res.hyperparameters["hidden_width"] == model.n_measurements
     resp = fits["vaegmm"].responsibilities
     assert resp.shape == (n, GMM_FAST.get("n_components", 3))
@@ -101,29 +104,42 @@ def test_kl_schedule_warmup_then_linear_ramp():
     assert beta_at(5, {"beta": 0.2, "warmup_epochs": 2, "ramp_epochs": 0}) == 0.2
 
 
-def test_history_follows_schedule(fits):
+def test_history_follows_schedule(msdki_data, fits):
     hist = fits["vaeunig"].history
-    n = len(hist["beta"])
-    expected = [beta_at(e, method_options("vaeunig", VAE_FAST, "msdki")) for e in range(n)]
-    np.testing.assert_allclose(hist["beta"], expected)
-    assert hist["beta"][0] == 0.0 and hist["beta"][-1] > 0
+    warm, ramp = VAE_FAST["warmup_epochs"], VAE_FAST["ramp_epochs"]
+    assert hist["beta"][:warm] == [0.0] * warm
+    assert np.all(np.array(hist["beta"][warm:]) > 0)
+    # during the ramp, beta / (the noise-level weight 2 sigma^2 / T) grows linearly to 1
+    t = msdki_data[0].n_measurements
+    weight = [b / (2 * r / t) for b, r in zip(hist["beta"][warm:warm + ramp + 2],
+                                              hist["recon"][warm - 1:])]
+    np.testing.assert_allclose(weight, [0.25, 0.5, 0.75, 1.0, 1.0, 1.0], rtol=1e-6)
 
 
 def test_auto_beta_follows_the_noise_level(msdki_data):
-    """beta: auto = 2 sigma^2 / T with sigma^2 the held-out MSE at the end of the warm-up."""
+    """beta: auto = ramp(epoch) * 2 sigma^2 / T, sigma^2 the previous epoch's reconstruction MSE."""
     model, _, y = msdki_data
-    opts = dict(VAE_FAST, epochs=5, warmup_epochs=2, ramp_epochs=2, beta="auto",
-                validation_fraction=0.2)
+    opts = dict(VAE_FAST, epochs=6, warmup_epochs=2, ramp_epochs=2, beta="auto", patience=10)
     res = fit(model, y[:500], "vaeunig", device="cpu", seed=0, options=opts, progress=False)
-    hyper, hist = res.hyperparameters, res.history
-    noise = hyper["noise_variance_estimate"]
-    assert noise == hist["val_loss"][1]  # end of warm-up, beta = 0: the validation loss is the MSE
-    assert 0.5 * 0.02 ** 2 < noise < 20 * 0.02 ** 2  # SNR 50 -> sigma^2 = 4e-4 (+ misfit)
-    beta = 2 * noise / model.n_measurements
-    assert hyper["beta_used"] == pytest.approx(beta)
-    np.testing.assert_allclose(hist["beta"], [0, 0, beta / 2, beta, beta])
+    hist, hyper = res.history, res.hyperparameters
+    t = model.n_measurements
+    ramp = [0, 0, 0.5, 1, 1, 1]
+    expected = [w * 2 * prev / t for w, prev in zip(ramp, [0.0] + hist["recon"][:-1])]
+    np.testing.assert_allclose(hist["beta"], expected, rtol=1e-6)
+    assert 0.5 * 0.02 ** 2 < hist["recon"][-1] < 20 * 0.02 ** 2  # SNR 50: sigma^2 = 4e-4 (+ fit)
+    best = hyper["best_epoch"] - 1
+    assert hyper["beta_used"] == pytest.approx(hist["beta"][best])
+    assert hyper["noise_variance_estimate"] == pytest.approx(hist["recon"][best - 1])
     with pytest.raises(ValueError, match="warmup_epochs"):
         fit(model, y[:50], "vaeunig", options=dict(opts, warmup_epochs=0), progress=False)
+
+
+def test_auto_batch_size():
+    assert resolve_batch_size("auto", 9_000) == 256        # small data: enough steps per epoch
+    assert resolve_batch_size("auto", 100_000) == 1562
+    assert resolve_batch_size("auto", 810_000) == 8192     # a whole brain: large batches
+    assert resolve_batch_size("auto", 100) == 100          # never more than the data
+    assert resolve_batch_size(512, 10_000) == 512
 
 
 def test_tau_anneals_geometrically():

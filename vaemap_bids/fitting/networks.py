@@ -34,6 +34,18 @@ ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "softplus": nn.Softplus, "tanh": 
 
 #: log-variances are kept in this range so that exp() can neither overflow nor underflow.
 LOGVAR_RANGE = (-20.0, 10.0)
+#: Initial log-variance of q(z|S) (sigma_z ~ 0.05): training starts close to a deterministic
+#: autoencoder, and the KL term widens the posterior as the data allow. Starting at the prior
+#: width (log sigma^2 = 0) buries the decoder in sampling noise, and the early epochs learn only
+#: to shrink every estimate towards the mean.
+LOGVAR_INIT = -6.0
+
+
+def _init_logvar_head(layer: nn.Linear, latent_dim: int) -> None:
+    """The last ``latent_dim`` outputs of ``layer`` are log sigma^2: start them at LOGVAR_INIT."""
+    with torch.no_grad():
+        layer.bias[latent_dim:].fill_(LOGVAR_INIT)
+        layer.weight[latent_dim:].mul_(0.01)
 
 
 def mlp(n_in: int, width: int, n_hidden: int, n_out: int | None, activation: str = "relu") -> nn.Sequential:
@@ -139,6 +151,7 @@ class VAEUniG(PhysicsNet):
         self.latent_dim = latent_dim
         self.encoder = mlp(model.n_measurements, hidden_width, n_hidden, 2 * latent_dim, activation)
         self.decoder = nn.Linear(latent_dim, model.n_raw)
+        _init_logvar_head(self.encoder[-1], latent_dim)
 
     def encode(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.encoder(s).chunk(2, dim=1)
@@ -212,6 +225,7 @@ class VAEGMM(VAEUniG):
             self.encoder_y = mlp(t, hidden_width, n_hidden, n_components, activation)
             self.encoder = mlp(t + n_components, hidden_width, n_hidden, 2 * latent_dim, activation)
         self.decoder = nn.Linear(latent_dim, model.n_raw)
+        _init_logvar_head(self.encoder if shared_encoder else self.encoder[-1], latent_dim)
         # Distinct starting means (drawn under the caller's torch seed) so that the components
         # can separate; unit variances, like the N(0, I) prior of vaeunig.
         self.prior_mean = nn.Parameter(prior_spread * torch.randn(n_components, latent_dim))
@@ -306,10 +320,11 @@ def build_network(method: str, model: SignalModel, opts: dict) -> PhysicsNet:
     common = dict(n_hidden=int(opts["n_hidden_layers"]), activation=opts["activation"])
     if method == "ssl":
         return SSLNet(model, width, **common)
+    latent = int(opts.get("latent_dim") or model.n_raw)
     if method == "vaeunig":
-        return VAEUniG(model, width, int(opts["latent_dim"]), **common)
+        return VAEUniG(model, width, latent, **common)
     if method == "vaegmm":
-        return VAEGMM(model, width, int(opts["latent_dim"]), int(opts["n_components"]),
+        return VAEGMM(model, width, latent, int(opts["n_components"]),
                       tau=float(opts["tau_start"]), prior_spread=float(opts["prior_spread"]),
                       shared_encoder=bool(opts.get("shared_encoder", True)), **common)
     raise ValueError(f"{method!r} is not a network method; choose from ssl, vaeunig, vaegmm")

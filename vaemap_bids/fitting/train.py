@@ -5,7 +5,8 @@
   read once per epoch.
 - A held-out fraction of voxels gives a validation loss every epoch; once the KL weight and the
   Gumbel-softmax temperature have reached their final values, the weights with the lowest
-  validation loss are kept and training stops after ``patience`` epochs without improvement.
+  validation loss are kept, the learning rate is halved after every ``lr_decay_patience`` epochs
+  without improvement, and training stops after ``patience`` epochs without improvement.
 - Seeds are fixed (torch, numpy) and every random draw (split, batch order, Gumbel and Gaussian
   noise) comes from one ``torch.Generator`` on the device: the same seed on the same device gives
   the same maps.
@@ -55,16 +56,18 @@ def _check_options(method: str, opts: dict) -> None:
     need("weight_decay", lambda v: is_num(v) and v >= 0, "a number >= 0")
     need("validation_fraction", lambda v: is_num(v) and 0 <= v < 1, "a number in [0, 1)")
     need("patience", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("lr_decay_patience", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)")
+    need("lr_decay_factor", lambda v: is_num(v) and 0 < v < 1, "a number in (0, 1)")
     need("hidden_width", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1")
     need("n_hidden_layers", lambda v: is_int(v) and v >= 1, "an integer >= 1")
     need("activation", lambda v: v in ACTIVATIONS, f"one of {sorted(ACTIVATIONS)}")
     need("allow_tf32", lambda v: isinstance(v, bool), "true or false")
     need("shared_encoder", lambda v: isinstance(v, bool), "true or false")
-    need("latent_dim", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("latent_dim", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1")
     need("beta", lambda v: v == "auto" or (is_num(v) and v >= 0), "'auto' or a number >= 0")
     if opts.get("beta") == "auto" and int(opts.get("warmup_epochs", 0)) < 1:
         raise ValueError(f"{method}: beta='auto' needs warmup_epochs >= 1 (the noise variance is "
-                         "estimated at the end of the warm-up)")
+                         "first estimated during the warm-up)")
     need("warmup_epochs", lambda v: is_int(v) and v >= 0, "an integer >= 0")
     need("ramp_epochs", lambda v: is_int(v) and v >= 0, "an integer >= 0")
     need("n_posterior_samples", lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2")
@@ -97,16 +100,22 @@ def schedule_length(opts: dict) -> int:
     return int(opts.get("warmup_epochs", 0)) + int(opts.get("ramp_epochs", 0))
 
 
-def beta_at(epoch: int, opts: dict) -> float:
+def beta_at(epoch: int, opts: dict, noise_variance: float | None = None,
+            n_measurements: int | None = None) -> float:
     """KL weight of 0-based ``epoch``: 0 during ``warmup_epochs``, then a linear ramp that reaches
-    ``beta`` after ``ramp_epochs`` more epochs, then constant. (``beta: auto`` is replaced by its
-    value at the end of the warm-up, see :func:`auto_beta`.)"""
+    ``beta`` after ``ramp_epochs`` more epochs, then constant. With ``beta: auto`` the final value
+    is :func:`auto_beta` of ``noise_variance`` (0 while there is no estimate yet)."""
     if "beta" not in opts:
         return 0.0
     warm, ramp = int(opts["warmup_epochs"]), int(opts["ramp_epochs"])
     if epoch < warm:
         return 0.0
-    final = float(opts["beta"])
+    if opts["beta"] == "auto":
+        if noise_variance is None or n_measurements is None:
+            return 0.0
+        final = auto_beta(noise_variance, n_measurements)
+    else:
+        final = float(opts["beta"])
     if ramp == 0:
         return final
     return final * min(1.0, (epoch - warm + 1) / ramp)
@@ -114,10 +123,11 @@ def beta_at(epoch: int, opts: dict) -> float:
 
 def auto_beta(noise_variance: float, n_measurements: int) -> float:
     """The KL weight that makes ``MSE + beta * KL`` the negative ELBO of a Gaussian likelihood
-    with noise variance sigma^2, divided by T / (2 sigma^2): beta = 2 sigma^2 / T. sigma^2 is the
-    held-out reconstruction MSE at the end of the warm-up (beta = 0, a plain autoencoder), i.e.
-    the noise variance of these data (plus any model misfit), so the KL weight follows the
-    SNR of the data instead of being fixed by hand."""
+    with noise variance sigma^2, divided by T / (2 sigma^2): beta = 2 sigma^2 / T. The trainer
+    uses for sigma^2 the reconstruction MSE of the previous epoch (with sampled z), which is the
+    maximum-likelihood noise variance of that ELBO (the "calibrated decoder" of Rybkin et al.
+    2021, sigma-VAE): the KL weight follows the noise level of the data, and of the fit, instead
+    of being fixed by hand."""
     return 2.0 * float(noise_variance) / int(n_measurements)
 
 
@@ -181,7 +191,8 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
     optimiser = torch.optim.Adam(net.parameters(), lr=float(opts["lr"]),
                                  weight_decay=float(opts.get("weight_decay", 0.0)))
     settled = max(0, schedule_length(opts) - 1)  # first epoch with final beta and tau
-    history: dict[str, list[float]] = {k: [] for k in ("loss", "recon", "kl", "beta", "val_loss")}
+    history: dict[str, list[float]] = {k: [] for k in ("loss", "recon", "kl", "beta", "val_loss",
+                                                       "lr")}
     if net.method == "vaegmm":
         history["tau"] = []
     best, best_state, best_epoch, waited = math.inf, None, -1, 0
@@ -189,8 +200,9 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
     net.train()
     bar = tqdm(range(int(opts["epochs"])), desc=desc, unit="epoch", disable=not progress,
                leave=False)
+    noise_var = None  # the previous epoch's reconstruction MSE (for beta: auto)
     for epoch in bar:
-        beta = beta_at(epoch, opts)
+        beta = beta_at(epoch, opts, noise_var, data.shape[1])
         tau = tau_at(epoch, opts)
         net.set_temperature(tau)
         order = train_idx[torch.randperm(n_train, generator=generator, device=device)]
@@ -208,15 +220,13 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
             raise FloatingPointError(f"{desc}: training loss became {loss} at epoch {epoch + 1}; "
                                      "lower the learning rate")
         val = validation_loss(net, data, val_idx, beta, chunk) if val_idx.numel() else math.nan
-        if opts.get("beta") == "auto" and epoch == int(opts["warmup_epochs"]) - 1:
-            noise_var = val if math.isfinite(val) else recon  # beta is 0 here: loss = MSE
-            opts = dict(opts, beta=auto_beta(noise_var, data.shape[1]))
-            resolved = {"noise_variance": noise_var, "beta": opts["beta"]}
+        used_noise_var, noise_var = noise_var, recon
         for key, value in (("loss", loss), ("recon", recon), ("kl", kl), ("beta", beta),
                            ("val_loss", val)):
             history[key].append(value)
         if "tau" in history:
             history["tau"].append(tau)
+        history["lr"].append(optimiser.param_groups[0]["lr"])
         bar.set_postfix(loss=f"{loss:.3g}", val=f"{val:.3g}", beta=f"{beta:.2g}")
         if epoch < settled:
             continue
@@ -224,10 +234,18 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
         if score < best:
             best, best_epoch, waited = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            if opts.get("beta") == "auto":
+                resolved = {"noise_variance": used_noise_var, "beta": beta}
         else:
             waited += 1
             if val_idx.numel() and waited >= int(opts["patience"]):
                 break
+            # Noisy (mini-batch, and for VAEs sampled) gradients need a shrinking step to settle:
+            # halve the learning rate after every lr_decay_patience epochs without improvement.
+            decay_every = int(opts.get("lr_decay_patience", 0))
+            if decay_every and waited % decay_every == 0:
+                for group in optimiser.param_groups:
+                    group["lr"] *= float(opts["lr_decay_factor"])
     bar.close()
     if best_state is not None:
         net.load_state_dict(best_state)
@@ -293,6 +311,8 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
     t2 = time.perf_counter()
     hyper = dict(opts)
     hyper.update(hidden_width=int(opts.get("hidden_width") or model.n_measurements),
+                 latent_dim=(int(opts.get("latent_dim") or model.n_raw)
+                             if "latent_dim" in opts else None),
                  best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
                  n_train=info["n_train"], n_validation=info["n_validation"],
                  batch_size_used=info["batch_size"])
