@@ -69,7 +69,12 @@ def write_demo_config(path) -> Path:
 
     header = ("# vaemap demo: REDUCED epoch budget so that the demo runs in minutes on a CPU.\n"
               "# Full runs use the defaults in vaemap_bids/data/hyperparameters.yaml.\n")
-    return write_text_atomic(path, header + yaml.safe_dump(DEMO_HYPERPARAMETERS, sort_keys=True))
+    text = header + yaml.safe_dump(DEMO_HYPERPARAMETERS, sort_keys=True)
+    path = Path(path)
+    # An unchanged file is left alone: a new mtime would make Nipype rerun every fit on --keep.
+    if path.is_file() and path.read_text() == text:
+        return path
+    return write_text_atomic(path, text)
 
 
 def _load(path):
