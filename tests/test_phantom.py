@@ -295,7 +295,7 @@ def small101d(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("small101d")
     phantom = write_phantom_dataset(root / "bids", root / "truth", shape=(10, 12, 9))
-    return phantom, convert_small_101d(root / "bids")
+    return phantom, convert_small_101d(root / "bids", mask_dir=root / "masks")
 
 
 def test_small101d_is_dipys_data_unchanged(small101d):
@@ -334,6 +334,23 @@ def test_small101d_joins_an_existing_dataset(small101d):
     dwi = layout.get(subject="small101d", suffix="dwi", extension=".nii.gz")[0].path
     assert Path(layout.get_bval(dwi)).is_file()
     assert validator_errors(run_validator(bids)) == []
+
+
+def test_small101d_mask_derivative(small101d):
+    """The whole-crop mask is a derivative that vaemap's --derivatives lookup finds."""
+    from vaemap_bids.dataset.bids import find_derivative_mask
+
+    _, out = small101d
+    mask_dir = Path(out["mask"]).parents[2]
+    assert json.loads((mask_dir / "dataset_description.json").read_text())["DatasetType"] == \
+        "derivative"
+    assert Path(out["mask"]).name == "sub-small101d_desc-brain_mask.nii.gz"
+    mask = nib.load(out["mask"])
+    dwi = nib.load(out["dwi"])
+    np.testing.assert_allclose(mask.affine, dwi.affine)
+    assert mask.shape == dwi.shape[:3] and np.asarray(mask.dataobj).all()
+    assert find_derivative_mask([mask_dir], {"subject": "small101d"}) == str(out["mask"])
+    assert validator_errors(run_validator(mask_dir)) == []
 
 
 def test_small101d_alone_and_rerun(tmp_path):
@@ -399,6 +416,7 @@ def test_demo_main_builds_data_and_calls_vaemap(tmp_path, monkeypatch, capsys):
     assert "--models msdki ballstick" in joined
     assert "--methods lsq ssl vaeunig vaegmm" in joined
     assert f"--config {demo_dir / 'demo_hyperparameters.yaml'}" in joined
+    assert f"--derivatives {demo_dir / 'masks'}" in joined
     assert "--device cpu" in joined and "--nprocs 1" in joined and f"-w {demo_dir / 'work'}" in joined
     assert (demo_dir / "bids" / "sub-phantom").is_dir() and (demo_dir / "bids" / "sub-small101d").is_dir()
     text = capsys.readouterr().out

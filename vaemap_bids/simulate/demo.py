@@ -5,7 +5,9 @@ The demo dataset (``DEMO/bids``) holds two subjects:
 - ``sub-phantom``: the synthetic brain of :mod:`vaemap_bids.simulate.phantom`, simulated with
   ball-stick on a two-shell table (6 b0 interleaved among 20 directions at b = 1000 and 2000
   s/mm^2), so that both MS-DKI and ball-stick run; its ground truth is in ``DEMO/truth``;
-- ``sub-small101d``: dipy's bundled real crop ``small_101D`` (:mod:`vaemap_bids.dataset.dipy_small`).
+- ``sub-small101d``: dipy's bundled real crop ``small_101D`` (:mod:`vaemap_bids.dataset.dipy_small`),
+  with its whole-crop brain mask given as a derivative (``DEMO/masks``, ``--derivatives``): the
+  crop lies inside the brain, where median_otsu's brain-versus-air threshold does not apply.
 
 It then runs ``vaemap DEMO/bids DEMO/out participant`` with every model and method, a work dir
 ``DEMO/work`` and a hyper-parameter file ``DEMO/demo_hyperparameters.yaml`` that REDUCES the
@@ -58,7 +60,9 @@ def build_demo_dataset(demo_dir, subjects=DEMO_SUBJECTS, *, seed: int = 0) -> di
             bids, truth, subjects=("phantom",), model=PHANTOM_MODEL, shape=PHANTOM_SHAPE,
             snr=PHANTOM_SNR, seed=seed)
     if "small101d" in subjects:
-        built["small101d"] = convert_small_101d(bids, subject="small101d")
+        # The crop lies inside the brain: its whole-crop mask is given as a derivative.
+        built["small101d"] = convert_small_101d(bids, subject="small101d",
+                                                mask_dir=demo_dir / "masks")
     return built
 
 
@@ -152,7 +156,7 @@ def _prepare_folder(demo_dir: Path, keep: bool) -> None:
         raise ValueError(f"{demo_dir} exists and is not a vaemap demo folder; choose another "
                          "--out-dir or empty it")
     if not keep:
-        for sub in ("bids", "truth", "out", "work"):
+        for sub in ("bids", "truth", "masks", "out", "work"):
             shutil.rmtree(demo_dir / sub, ignore_errors=True)
     demo_dir.mkdir(parents=True, exist_ok=True)
 
@@ -192,7 +196,9 @@ def main(argv=None) -> int:
 
     bids, truth, out, work = (demo_dir / s for s in ("bids", "truth", "out", "work"))
     have = all((bids / f"sub-{s}").is_dir() for s in args.subjects)
-    if args.keep and have and ("phantom" not in args.subjects or (truth / "truth.json").exists()):
+    have_extras = (("phantom" not in args.subjects or (truth / "truth.json").exists())
+                   and ("small101d" not in args.subjects or (demo_dir / "masks").is_dir()))
+    if args.keep and have and have_extras:
         print(f"Reusing the demo dataset in {bids}")
         built = None
     else:
@@ -208,6 +214,8 @@ def main(argv=None) -> int:
            "--models", *MODELS, "--methods", "lsq", "ssl", "vaeunig", "vaegmm",
            "-w", str(work), "--config", str(config), "--device", args.device,
            "--seed", str(args.seed)]
+    if "small101d" in args.subjects:
+        cmd += ["--derivatives", str(demo_dir / "masks")]
     if args.nprocs:
         cmd += ["--nprocs", str(args.nprocs)]
     print("Running: vaemap " + " ".join(cmd), flush=True)
