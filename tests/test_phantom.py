@@ -275,10 +275,15 @@ def test_custom_acquisition_single_shell(tmp_path):
     ({"dtype": "uint8"}, "dtype"),
     ({"subjects": ("0/1",)}, "subject"),
     ({"s0": 30000.0}, "int16"),
+    ({"shape": (4, 4, 4)}, "coarse"),
+    ({"shape": (10, 10)}, "shape"),
+    ({"orientation": "LAX"}, "orientation"),
+    ({"orientation": "LRS"}, "orientation"),
 ])
 def test_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         write_phantom_dataset(tmp_path / "bids", tmp_path / "truth", **kwargs)
+    assert not (tmp_path / "bids").exists()  # nothing half-written
 
 
 def test_truth_inside_bids_rejected(tmp_path):

@@ -261,11 +261,20 @@ def _template_2mm() -> tuple[np.ndarray, np.ndarray]:
     return _TEMPLATE_CACHE["probs"], _TEMPLATE_CACHE["affine"]
 
 
+def _orientation(orientation: str) -> np.ndarray:
+    """nibabel's (voxel axis -> world axis, sign) table for three axis codes such as 'LAS'."""
+    try:
+        ornt = axcodes2ornt(tuple(str(orientation).upper()))
+    except ValueError:
+        ornt = None
+    if ornt is None or len(ornt) != 3 or np.isnan(ornt).any() or len(set(ornt[:, 0])) != 3:
+        raise ValueError(f"orientation must be three nibabel axis codes, one per world axis, "
+                         f"such as 'LAS' or 'RAS'; got {orientation!r}")
+    return ornt
+
+
 def _oriented_affine(shape, voxel: float, centre_world: np.ndarray, orientation: str) -> np.ndarray:
-    ornt = axcodes2ornt(tuple(orientation.upper()))
-    if np.isnan(ornt).any() or len(ornt) != 3:
-        raise ValueError(f"orientation must be three nibabel axis codes such as 'LAS', got "
-                         f"{orientation!r}")
+    ornt = _orientation(orientation)
     rot = np.zeros((3, 3))
     for vox_axis, (world_axis, sign) in enumerate(ornt):
         rot[int(world_axis), vox_axis] = sign * voxel
@@ -291,7 +300,7 @@ def brain_anatomy(shape=(24, 28, 20), *, orientation: str = "LAS", scale: float 
     hi_w = src_affine[:3, :3] @ inside.max(axis=0) + src_affine[:3, 3]
     extent, centre = np.abs(hi_w - lo_w) + 2.0, (lo_w + hi_w) / 2.0
     # Voxel axes of the target in world axes: the extent each voxel axis must cover.
-    ornt = axcodes2ornt(tuple(orientation.upper()))
+    ornt = _orientation(orientation)
     axis_extent = np.array([extent[int(w)] for w, _ in ornt])
     voxel = float(np.max(axis_extent / (np.asarray(shape) - 2))) * float(scale)
     affine = _oriented_affine(shape, voxel, centre, orientation)
@@ -314,6 +323,9 @@ def brain_anatomy(shape=(24, 28, 20), *, orientation: str = "LAS", scale: float 
     tissue_index = np.argmax(out, axis=0)  # 0 GM, 1 WM, 2 CSF
     labels[mask] = np.array([TISSUE_LABELS["GM"], TISSUE_LABELS["WM"],
                              TISSUE_LABELS["CSF"]])[tissue_index[mask]]
+    if not mask.any():
+        raise ValueError(f"phantom shape {shape} is too coarse to hold a brain voxel; use at "
+                         "least 5 voxels along each axis")
     return Anatomy(affine=affine, probs=out, mask=mask, labels=labels)
 
 
@@ -476,6 +488,7 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
     if dtype == "int16" and s0 * max_s0 * (1 + 6.0 / snr) > _INT16_MAX:
         raise ValueError(f"s0 = {s0} would overflow int16; lower it or use dtype='float32'")
 
+    brain_anatomy(shape, orientation=orientation)  # shape/orientation errors before any write
     bids_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
     out = {"bids_dir": bids_dir, "truth_dir": truth_dir, "series": [],
