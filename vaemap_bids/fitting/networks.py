@@ -10,13 +10,16 @@ self-supervised: the reconstruction term is MSE(phi(params), S), averaged over v
   ``z = mu + sigma * eps`` with ``eps ~ N(0, I)``, decoder = one linear layer z -> raw;
   loss = MSE + beta * KL(q(z|S) || N(0, I)).
 - :class:`VAEGMM` (``vaegmm``): encoder 1 -> logits of a categorical y over K components,
-  ``c = GumbelSoftmax(logits, tau)``; encoder 2 takes (S, c) -> (mu, log sigma^2);
+  ``c = GumbelSoftmax(logits, tau)``; encoder 2 takes (S, c) -> (mu, log sigma^2) (by default the
+  two encoders share their hidden layers, as in the paper's Fig. 4: see :class:`VAEGMM`);
   prior p(y) = Cat(1/K), p(z|y) = N(m_y, diag s_y^2) with learnable m_y and s_y;
   loss = MSE + beta * [KL(q(y|S) || p(y)) + KL(q(z|S,c) || p(z|c))], where p(z|c) is the Gaussian
   with the c-weighted component mean ``c @ m`` and variance ``c @ s^2`` (the same soft selection
   that encoder 2 sees, so the KL is taken against the prior of the component that z came from).
 
-The KL terms are summed over latent dimensions and averaged over voxels. Random numbers (Gumbel
+Maps are decoded from the posterior mean: decoder(mu); for vaegmm mu is taken at the one-hot c of
+the most probable component (argmax q(y|S)). The KL terms are summed over latent dimensions and
+averaged over voxels. Random numbers (Gumbel
 and Gaussian noise) are drawn from an explicit ``torch.Generator`` so that a fixed seed gives the
 same maps on the same device.
 """

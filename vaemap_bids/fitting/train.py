@@ -182,7 +182,9 @@ def validation_loss(net: PhysicsNet, data: torch.Tensor, index: torch.Tensor, be
 def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator: torch.Generator,
                   progress: bool = True, desc: str = "") -> dict:
     """Train ``net`` in place on ``data`` (N, T, already on the device) and load its best
-    weights. Returns ``{"history": ..., "best_epoch", "epochs_run", "n_train", "n_validation"}``."""
+    weights. Returns ``{"history", "best_epoch" (1-based; 0 when training ended before the
+    schedules settled), "epochs_run", "n_train", "n_validation", "batch_size", "resolved"}``
+    (``resolved``: the noise variance and KL weight of the best epoch when ``beta`` is auto)."""
     device = data.device
     train_idx, val_idx = _split(data.shape[0], float(opts["validation_fraction"]), generator, device)
     n_train = int(train_idx.numel())
