@@ -96,12 +96,20 @@ def test_usage_errors_raise():
         parse_args(["a", "b", "participant", "--seed", "-1"])
 
 
-def test_group_level_is_a_clear_noop(capsys, tmp_path, bids_dir):
+def test_group_level_without_participant_outputs(capsys, tmp_path, bids_dir):
     code = main([str(bids_dir), str(tmp_path / "out"), "group"])
     err = capsys.readouterr().err
-    assert code == 0
-    assert "group level has nothing to do yet" in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert code == 66
+    assert "holds no participant outputs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_group_level_lists_missing_subjects(capsys, tmp_path, bids_dir):
+    (tmp_path / "out").mkdir()
+    code = main([str(bids_dir), str(tmp_path / "out"), "group"])
+    assert code == 66
+    assert "missing or incomplete" in capsys.readouterr().err
+    assert "sub-01" in (tmp_path / "out" / "group.html").read_text()
 
 
 def test_work_dir_inside_bids_dir_refused(capsys, tmp_path, bids_dir):

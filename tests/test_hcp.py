@@ -558,43 +558,72 @@ def test_hcp_tree_errors(source, tmp_path):
 
 TINY_CONFIG = """\
 lsq: {max_iter: 5}
-vaeunig: {epochs: 2, warmup_epochs: 0, ramp_epochs: 1, n_posterior_samples: 2, patience: 2}
+vaeunig: {epochs: 2, warmup_epochs: 1, ramp_epochs: 1, n_posterior_samples: 2, patience: 2}
 """
 
 
 @pytest.mark.slow
-def test_fetch_convert_then_vaemap_participant(source, s3, reader_env, tmp_path):
-    """The whole path: the fetch graph downloads and converts, then `vaemap participant` runs on
-    the converted dataset with the HCP mask from --derivatives; credentials stay in the
-    environment the whole time, as users set them, and no secret lands on disk."""
+def test_vaemap_fetch_hcp_participant(source, s3, reader_env, tmp_path):
+    """The whole path through the command line: `vaemap BIDS_DIR OUT participant --fetch-hcp`
+    downloads and converts, then fits with the HCP mask; credentials stay in the environment the
+    whole time, as users set them, and no secret lands on disk (Nipype records node environments,
+    the TOML records the settings)."""
     import torch
 
     from vaemap_bids.cli.run import main as vaemap_main
-    from vaemap_bids.interfaces.hcp import prepare_hcp_input
 
     torch.set_num_threads(1)
     bids_dir, out_dir, work = tmp_path / "bids", tmp_path / "out", tmp_path / "work"
-    got_bids, masks = prepare_hcp_input("fetch", bids_dir, [f"sub-{SUBJECT}"], work / "fetch")
-    assert (got_bids, masks) == (bids_dir, bids_dir / "derivatives" / "hcp-mask")
-    sub = hcp.convert_hcp_subject(bids_dir / "sourcedata" / "HCP_1200", SUBJECT, bids_dir)
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_CONFIG)
-    # what `vaemap --fetch-hcp` does around its graph: Nipype records every node's environment
-    with hcp.stash_env_credentials():
-        code = vaemap_main([str(bids_dir), str(out_dir), "participant", "--participant-label",
-                            SUBJECT, "--derivatives", str(sub.mask_derivatives_dir), "-w",
-                            str(work / "vaemap"), "--config", str(config), "--device", "cpu",
-                            "--nprocs", "1", "--omp-nthreads", "1", "--models", "msdki",
-                            "--methods", "lsq", "vaeunig"])
+    code = vaemap_main([str(bids_dir), str(out_dir), "participant", "--fetch-hcp",
+                        "--participant-label", SUBJECT, "-w", str(work), "--config", str(config),
+                        "--device", "cpu", "--nprocs", "1", "--omp-nthreads", "1",
+                        "--models", "msdki", "--methods", "lsq", "vaeunig"])
     assert code == 0
+    sub_dwi = bids_dir / "sub-100307" / "dwi" / "sub-100307_dwi.nii.gz"
+    mask_file = (bids_dir / "derivatives" / "hcp-mask" / "sub-100307" / "dwi"
+                 / "sub-100307_desc-brain_mask.nii.gz")
     dwi_out = out_dir / "sub-100307" / "dwi"
     used_mask = nib.load(dwi_out / "sub-100307_desc-brain_mask.nii.gz").get_fdata() > 0
-    hcp_mask = nib.load(sub.mask).get_fdata() > 0
+    hcp_mask = nib.load(mask_file).get_fdata() > 0
     assert np.array_equal(used_mask, hcp_mask)                  # the HCP mask, not median_otsu
     for method in ("lsq", "vaeunig"):
         msd = nib.load(dwi_out / f"sub-100307_model-msdki_desc-{method}_param-msd_dwimap.nii.gz")
         values = msd.get_fdata()[hcp_mask]
         assert np.all(np.isfinite(values)) and np.all(values > 0)
-        assert np.allclose(msd.affine, nib.load(sub.dwi).affine)
+        assert np.allclose(msd.affine, nib.load(sub_dwi).affine)
+    assert (out_dir / "sub-100307.html").is_file()
+    toml = next(work.glob("config-*.toml")).read_text()
+    assert 'input_type = "fetch"' in toml
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3.reader.secret_access_key  # restored
     secrets = [s3.reader.access_key_id, s3.reader.secret_access_key]
     assert _secrets_in_tree(tmp_path, secrets) == []
+
+
+@pytest.mark.slow
+def test_vaemap_input_type_hcp(tmp_path):
+    """`--input-type hcp`: an HCP tree on disk is converted in the work dir, then fitted."""
+    from vaemap_bids.cli.run import main as vaemap_main
+
+    root = tmp_path / "HCP"
+    hcp_s3.make_fake_subject(root / "200109" / "T1w" / "Diffusion", seed=9)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    out_dir, work = tmp_path / "out", tmp_path / "work"
+    code = vaemap_main([str(root), str(out_dir), "participant", "--input-type", "hcp",
+                        "-w", str(work), "--config", str(config), "--device", "cpu",
+                        "--nprocs", "1", "--models", "msdki", "--methods", "lsq"])
+    assert code == 0
+    assert (out_dir / "sub-200109" / "dwi"
+            / "sub-200109_model-msdki_desc-lsq_param-msd_dwimap.nii.gz").is_file()
+    assert (work / "hcp" / "hcp_bids" / "sub-200109").is_dir()
+    assert sorted(p.name for p in root.rglob("*") if p.is_file()) == sorted(
+        ["bvals", "bvecs", "data.nii.gz", "nodif_brain_mask.nii.gz"])   # input untouched
+
+
+def test_vaemap_fetch_hcp_needs_participant_labels(tmp_path, capsys):
+    from vaemap_bids.cli.run import main as vaemap_main
+    code = vaemap_main([str(tmp_path / "bids"), str(tmp_path / "out"), "participant",
+                        "--fetch-hcp", "-w", str(tmp_path / "work")])
+    assert code == 64 and "needs --participant-label" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def expected_manifest(ents: dict) -> set[str]:
             if method == "vaegmm":
                 nifti(naming.dseg_name(ents, model))
                 nifti(naming.probseg_name(ents, model))
-                names.add(f"{dwi}/{naming.dseg_name(ents, model).replace('.nii.gz', '.tsv')}")
+                names.add(f"{dwi}/{naming.dseg_table_name(ents, model)}")
     return names
 
 
@@ -85,9 +85,18 @@ def test_exact_output_manifest(run):
     out = run["out"]
     got = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     got = {p for p in got if not p.startswith("logs/")}  # crash files would land there
-    assert got == expected_manifest({"subject": "01"})
+    figures = {p for p in got if p.startswith("sub-01/figures/")}
+    assert "sub-01.html" in got and figures, "the participant report is missing"
+    assert got - figures - {"sub-01.html"} == expected_manifest({"subject": "01"})
     assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
     assert not (out / "logs").exists() or not list((out / "logs").glob("crash-*"))
+
+
+def test_group_level_after_participant(run):
+    assert vaemap(run["root"] / "bids", run["out"], "group") == 0
+    assert (run["out"] / "group.html").is_file()
+    assert sorted(p.name for p in run["out"].glob("group_*.tsv")) == ["group_ballstick.tsv",
+                                                                      "group_msdki.tsv"]
 
 
 def test_dataset_description_and_bidsignore(run):

@@ -73,6 +73,9 @@ class Config:
     plugin_args: dict = field(default_factory=dict)
     skip_bids_validation: bool = False
     validator: str = ""
+    input_type: str = "bids"        # bids | hcp | fetch (the HCP data as given on the command line)
+    hcp_source: str = ""            # the HCP tree or fetch target before conversion
+    hcp_profile: str = ""           # AWS profile name only: credentials are never stored
     verbosity: int = 0
     run_uuid: str = field(default_factory=lambda: (
         f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"))

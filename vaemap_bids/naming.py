@@ -12,7 +12,7 @@ brain mask                    ``<prefix>_desc-brain_mask.nii.gz``
 parameter map                 ``<prefix>_model-<model>_desc-<method>_param-<param>_dwimap.nii.gz``
 posterior standard deviation  ``<prefix>_model-<model>_desc-<method>_param-<param>_stat-std_dwimap.nii.gz``
 fit residual (NRMSE)          ``<prefix>_model-<model>_desc-<method>_stat-nrmse_dwimap.nii.gz``
-vaegmm hard clusters          ``<prefix>_model-<model>_desc-vaegmm_dseg.nii.gz`` (+ ``_dseg.tsv``)
+vaegmm hard clusters          ``<prefix>_model-<model>_desc-vaegmm_dseg.nii.gz`` (+ ``_dseg.tsv`` table)
 vaegmm responsibilities       ``<prefix>_model-<model>_desc-vaegmm_probseg.nii.gz`` (4-D, K vols)
 ============================  ==================================================================
 
@@ -58,8 +58,17 @@ def prefix(entities: dict) -> str:
         val = entities.get(key)
         if val is None or val == "":
             continue
-        parts.append(f"{_ENTITY_KEYS[key]}-{check_label(val, key) if key != 'run' else int(val)}")
+        parts.append(f"{_ENTITY_KEYS[key]}-{check_label(val, key) if key != 'run' else _run_index(val)}")
     return "_".join(parts)
+
+
+def _run_index(value) -> str:
+    """A run index as the input wrote it (``run-01`` stays ``run-01``; pybids' PaddedInt keeps
+    the padding in ``str``)."""
+    text = str(value)
+    if not text.isdigit():
+        raise ValueError(f"invalid run {text!r}: BIDS run indices are non-negative integers")
+    return text
 
 
 def subject_dir(entities: dict) -> str:
@@ -94,6 +103,11 @@ def nrmse_name(entities: dict, model: str, method: str) -> str:
 
 def dseg_name(entities: dict, model: str, method: str = "vaegmm") -> str:
     return f"{prefix(entities)}_model-{model}_desc-{method}_dseg.nii.gz"
+
+
+def dseg_table_name(entities: dict, model: str, method: str = "vaegmm") -> str:
+    """The lookup table (index, name) that BIDS pairs with a dseg image."""
+    return f"{prefix(entities)}_model-{model}_desc-{method}_dseg.tsv"
 
 
 def probseg_name(entities: dict, model: str, method: str = "vaegmm") -> str:

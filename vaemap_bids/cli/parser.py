@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                      dest="skip_bids_validation", action="store_true",
                      help="do not validate BIDS_DIR")
 
+    hcp = parser.add_argument_group("HCP input")
+    source = hcp.add_mutually_exclusive_group()
+    source.add_argument("--fetch-hcp", "--fetch_hcp", dest="fetch_hcp", action="store_true",
+                        help="download the --participant-label HCP 1200 subjects (e.g. 100307) "
+                             "from the hcp-openaccess S3 bucket and convert them into BIDS_DIR "
+                             "(created when missing) before the participant level")
+    source.add_argument("--input-type", "--input_type", dest="input_type",
+                        choices=("bids", "hcp"), default="bids",
+                        help="'hcp': BIDS_DIR is an HCP tree on disk (<id>/T1w/Diffusion/...), "
+                             "converted to BIDS in the work dir first")
+    hcp.add_argument("--hcp-profile", "--hcp_profile", dest="hcp_profile", default=None,
+                     metavar="PROFILE",
+                     help="AWS profile for --fetch-hcp (default: the standard AWS variables or "
+                          "default profile; AWS_ENDPOINT_URL is honoured)")
+
     mod = parser.add_argument_group("models and estimators")
     mod.add_argument("--models", nargs="+", choices=available_models(), metavar="MODEL",
                      default=None,

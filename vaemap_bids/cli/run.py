@@ -185,13 +185,76 @@ def run(args) -> int:
     if args.analysis_level not in ANALYSIS_LEVELS:
         raise VaemapError(f"unknown analysis level {args.analysis_level!r}; choose participant "
                           "or group", EXIT_UNKNOWN_LEVEL)
+    if args.analysis_level == "group":
+        return run_group_level(build_config(args))
+    from ..dataset.hcp import stash_env_credentials
+    hcp_source = prepare_hcp(args)  # its fetch graph keeps the secrets out of the work dir itself
     config = build_config(args)
-    if config.analysis_level == "group":
-        log.info("the group level has nothing to do yet: group tables and reports are not part "
-                 "of this version (participant outputs are in %s)", config.output_dir)
-        return EXIT_OK
-    run_participant_level(config)
+    if hcp_source:
+        config.input_type = "fetch" if args.fetch_hcp else "hcp"
+        config.hcp_source = hcp_source
+        config.hcp_profile = args.hcp_profile or ""
+    # Nipype records each node's environment in the work dir: keep AWS secrets out of it.
+    with stash_env_credentials(args.hcp_profile):
+        run_participant_level(config)
     return EXIT_OK
+
+
+def prepare_hcp(args) -> str:
+    """``--fetch-hcp`` / ``--input-type hcp``: get the HCP subjects into BIDS before anything
+    else (the participant plan reads the converted files), then point ``args`` at them: BIDS_DIR
+    becomes the converted dataset and its HCP brain masks join ``--derivatives``. Returns the
+    HCP source as given, or "" for plain BIDS input."""
+    if not args.fetch_hcp and args.input_type != "hcp":
+        return ""
+    from ..dataset.hcp import HCPError
+    from ..interfaces.hcp import prepare_hcp_input
+
+    source = Path(args.bids_dir).expanduser().resolve()
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    work_dir = Path(args.work_dir or "work").expanduser().resolve()
+    if _is_within(output_dir, source):
+        raise VaemapError(f"{args.output_dir}: OUTPUT_DIR must not be inside {source}",
+                          EXIT_USAGE)
+    labels = _labels(args.participant_label, "sub")
+    plugin, plugin_args = ("Linear", {})
+    if args.use_plugin is not None:
+        plugin, plugin_args = _read_plugin(Path(args.use_plugin))
+    _ensure_writable_dir(work_dir, "work dir")
+    try:
+        bids_dir, masks = prepare_hcp_input(
+            "fetch" if args.fetch_hcp else "hcp", source, labels, work_dir / "hcp",
+            profile=args.hcp_profile, plugin=plugin, plugin_args=plugin_args,
+            progress=sys.stderr.isatty())
+    except HCPError as exc:
+        raise VaemapError(str(exc), exc.exit_code) from None
+    except ValueError as exc:
+        raise VaemapError(str(exc), EXIT_USAGE) from None
+    args.bids_dir = bids_dir
+    if not args.derivatives:
+        args.derivatives = [masks]
+    return str(source)
+
+
+def run_group_level(config: Config) -> int:
+    """Group tables and report from the participant outputs already in OUTPUT_DIR (no fit is
+    recomputed); non-zero when a subject is missing or incomplete."""
+    from ..reports.group import run_group
+
+    output_dir = Path(config.output_dir)
+    if not output_dir.is_dir():
+        raise VaemapError(f"{output_dir}: OUTPUT_DIR holds no participant outputs (run the "
+                          "participant level first)", EXIT_NOINPUT)
+    _ensure_writable_dir(output_dir, "output dir")
+    code = run_group(output_dir, bids_dir=config.bids_dir,
+                     participant_labels=config.participant_label or None)
+    report = output_dir / "group.html"
+    if code == EXIT_OK:
+        log.info("group report: %s", report)
+    else:
+        print(f"vaemap: error: some participants' outputs are missing or incomplete; see {report}",
+              file=sys.stderr)
+    return code
 
 
 def run_participant_level(config: Config, status_callback=None, resource_monitor: bool = False):
@@ -249,14 +312,23 @@ def _workflow_failure(exc: Exception, crash_dir: Path) -> str:
 
 
 def finish_participants(config: Config, plans) -> None:
-    """After the graph: say where the outputs are. The participant reports (issue 4) hook in
-    here, given OUTPUT_DIR and each subject label."""
+    """After the graph: one HTML report per subject, and where everything is."""
     from .. import naming
+    from ..reports.participant import generate_participant_report
+
     for plan in plans:
         ents = plan.series.entities
         log.info("%s: maps in %s, run records in %s", plan.series.prefix,
                  Path(config.output_dir) / naming.dwi_dir(ents),
                  Path(config.output_dir) / naming.log_dir(ents))
+    for subject in sorted({plan.series.entities["subject"] for plan in plans}):
+        try:
+            report = generate_participant_report(config.output_dir, subject,
+                                                 bids_dir=config.bids_dir)
+        except (OSError, ValueError) as exc:
+            raise VaemapError(f"sub-{subject}: the report could not be written ({exc})",
+                              EXIT_CANTCREAT) from None
+        log.info("sub-%s: report %s", subject, report)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -122,7 +122,7 @@ class WriteFitDerivatives(SimpleInterface):
             dseg = save(naming.dseg_name(ents, model_name, method), rows_to_volume(labels, mask, 0),
                         dv.dseg_sidecar(info, method, hyper, k, probabilistic=False, **common),
                         dtype=np.int16)
-            tsv = dwi_dir / naming.dseg_name(ents, model_name, method).replace(".nii.gz", ".tsv")
+            tsv = dwi_dir / naming.dseg_table_name(ents, model_name, method)
             dv.write_text_atomic(tsv, dv.dseg_tsv(k))
             written.append(tsv)
             probseg = save(naming.probseg_name(ents, model_name, method),
