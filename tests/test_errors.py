@@ -242,6 +242,12 @@ def test_config_file_missing_or_wrong(capsys, ds):
     bad.write_text("vaegmm:\n  epoch: 3\n")
     code, err = run_cli(capsys, *participant(ds, "--config", bad))
     assert_error(code, err, 64, "bad.yaml", "epoch")
+    # a known option with a bad value is refused before any work starts, not by a failing node
+    for text, option in (("ssl:\n  lr: -1\n", "lr"), ("lsq@msdki:\n  solver: magic\n", "solver")):
+        bad.write_text(text)
+        code, err = run_cli(capsys, *participant(ds, "--config", bad))
+        assert_error(code, err, 64, "bad.yaml", option)
+        assert_nothing_written(ds / "out")
 
 
 def test_derivatives_missing_or_mask_on_wrong_grid(capsys, ds):

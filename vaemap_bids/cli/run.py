@@ -124,10 +124,18 @@ def build_config(args) -> Config:
             hyper = load_config(args.config_file)
         except ValueError as exc:
             raise VaemapError(str(exc), EXIT_USAGE) from None
+    from ..fitting.options import check_options, options_for
+    from ..physics import available_models
+    for model in args.models or available_models():
+        for method in dict.fromkeys(args.methods):
+            try:
+                check_options(method, model, options_for(hyper, method, model))
+            except ValueError as exc:
+                where = f"{args.config_file}: " if args.config_file else ""
+                raise VaemapError(f"{where}{exc}", EXIT_USAGE) from None
     plugin, plugin_args = "MultiProc", {}
     if args.use_plugin is not None:
         plugin, plugin_args = _read_plugin(Path(args.use_plugin))
-    from ..physics import available_models
     return Config(
         bids_dir=str(bids_dir), output_dir=str(output_dir), analysis_level=args.analysis_level,
         participant_label=_labels(args.participant_label, "sub"),

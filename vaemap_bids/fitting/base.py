@@ -77,6 +77,8 @@ def prepare_signals(model: SignalModel, signals: np.ndarray) -> tuple[np.ndarray
     valid = np.all(np.isfinite(signals), axis=1)
     if not valid.any():
         raise ValueError("no voxel has finite signals to fit")
+    if valid.all():  # no copy of a whole-brain array when nothing needs excluding
+        return np.ascontiguousarray(signals, dtype=np.float32), valid
     return np.ascontiguousarray(signals[valid], dtype=np.float32), valid
 
 

@@ -61,9 +61,10 @@ Retraction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # Options
 # ---------------------------------------------------------------------------------------------
-def resolve_options(model: SignalModel, options: dict | None) -> dict:
-    """The ``lsq`` defaults for ``model`` updated with ``options``, checked."""
-    opts = method_options("lsq", options, model.name)
+def resolve_options(model: SignalModel | str, options: dict | None) -> dict:
+    """The ``lsq`` defaults for ``model`` (an instance or a name) updated with ``options``,
+    checked."""
+    opts = method_options("lsq", options, getattr(model, "name", model))
     if opts["solver"] not in SOLVERS:
         raise ValueError(f"lsq option solver={opts['solver']!r}; choose from {list(SOLVERS)}")
     if opts["dtype"] not in DTYPES:

@@ -60,6 +60,18 @@ def load_config(path: str | Path) -> dict:
     return data
 
 
+def check_options(method: str, model: str, overrides: dict | None = None) -> dict:
+    """Resolve and range-check the options of ``method`` on ``model`` without fitting anything
+    (so a command line can reject a bad value before any work starts); raises ValueError."""
+    if method == "lsq":
+        from .lsq import resolve_options
+        return resolve_options(model, overrides)
+    from .train import check_options as check_network_options
+    opts = method_options(method, overrides, model)
+    check_network_options(method, opts)
+    return opts
+
+
 def options_for(config: dict | None, method: str, model: str) -> dict:
     """Resolved options of ``method`` on ``model`` given a loaded ``--config`` mapping."""
     config = config or {}

@@ -36,7 +36,7 @@ log = logging.getLogger("vaemap.fitting.train")
 
 
 # ---- options and schedules -------------------------------------------------------------------
-def _check_options(method: str, opts: dict) -> None:
+def check_options(method: str, opts: dict) -> None:
     """Raise ValueError naming the first option that is out of range."""
     def need(key, ok, what):
         if key in opts and not ok(opts[key]):
@@ -287,7 +287,7 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
     if method not in NETWORK_METHODS:
         raise ValueError(f"{method!r} is not a network method; choose from {list(NETWORK_METHODS)}")
     opts = method_options(method, options, model.name)
-    _check_options(method, opts)
+    check_options(method, opts)
     y = np.asarray(y)
     valid = np.asarray(valid, dtype=bool)
     if y.ndim != 2 or y.shape[1] != model.n_measurements:
@@ -334,6 +334,7 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
                           if "responsibilities" in out else None),
         latent_mean=scatter_rows(out["latent_mean"], valid) if "latent_mean" in out else None,
         history=hist, hyperparameters=hyper,
-        timings={"train_s": t1 - t0, "predict_s": t2 - t1, "total_s": t2 - t0,
-                 "voxels_per_s_train": info["n_train"] * info["epochs_run"] / max(t1 - t0, 1e-9)},
+        timings={"fit_seconds": t2 - t0, "voxels_per_second": y.shape[0] / max(t2 - t0, 1e-9),
+                 "train_seconds": t1 - t0, "predict_seconds": t2 - t1,
+                 "voxel_epochs_per_second": info["n_train"] * info["epochs_run"] / max(t1 - t0, 1e-9)},
         device=str(device), seed=int(seed))
