@@ -276,13 +276,20 @@ def test_verbose_debug_shows_traceback(capsys, ds):
     assert code == 66 and "Traceback" in err
 
 
-def test_failing_node_exits_1_with_crash_file(capsys, ds):
-    """A value the fitting rejects inside the graph: exit 1, one line naming the crash files,
-    and no maps of that fit (the mask, checked and written first, is complete)."""
-    bad = ds / "bad_values.yaml"
-    bad.write_text("ssl: {epochs: 0}\n")
+def test_failing_node_exits_1_with_crash_file(capsys, ds, monkeypatch):
+    """A fit that fails inside the graph: exit 1, one line naming the crash files, and no maps
+    of that fit (the mask, checked and written first, is complete). The Linear plugin runs the
+    nodes in this process, so the patched trainer is the one that fails."""
+    import vaemap_bids.fitting.train as train
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("training diverged")
+
+    monkeypatch.setattr(train, "fit_network", broken)
+    plugin = ds / "linear.yml"
+    plugin.write_text("plugin: Linear\n")
     code, err = run_cli(capsys, *participant(ds, "--models", "msdki", "--methods", "ssl",
-                                             "--config", bad))
+                                             "--use-plugin", plugin))
     assert_error(code, err, 1, "the workflow failed", "crash file")
     assert list((ds / "out" / "logs").glob("crash-*"))
     assert not list((ds / "out").rglob("*_dwimap.nii.gz"))

@@ -126,7 +126,7 @@ class Config:
         """Write the settings as TOML (atomically); returns the path."""
         import tomli_w
 
-        from .dataset.derivatives import write_text_atomic
+        from .atomic import write_text_atomic
         data = {"vaemap": _drop_none(self.to_dict())}
         return write_text_atomic(path, tomli_w.dumps(data))
 

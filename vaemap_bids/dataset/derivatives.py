@@ -6,9 +6,6 @@ leaves a half-written output and readers never see one.
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from importlib.resources import files
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__, naming
+from ..atomic import write_json_atomic, write_text_atomic
 
 CODE_URL = "https://github.com/vaemap/vaemap"
 PAPER_URL = "https://arxiv.org/abs/2411.10772"
@@ -32,75 +30,6 @@ METHOD_DESCRIPTIONS = {
                "(Xu et al., arXiv:2411.10772); maps are the decoder's output at the posterior "
                "mean, and the mixture responsibilities give a soft clustering of the voxels."),
 }
-
-
-# ---- atomic writes ---------------------------------------------------------------------------
-
-def _temp_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _commit(tmp: Path, path: Path) -> Path:
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
-
-
-def write_bytes_atomic(path, data: bytes) -> Path:
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        tmp.write_bytes(data)
-        return _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_jsonable)
-                             + "\n")
-
-
-def write_nifti_atomic(path, img: nib.Nifti1Image) -> Path:
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        nib.save(img, str(tmp))
-        return _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_npz_atomic(path, **arrays) -> Path:
-    path = Path(path)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as fobj:
-            np.savez_compressed(fobj, **arrays)
-        return _commit(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _jsonable(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 # ---- images ----------------------------------------------------------------------------------

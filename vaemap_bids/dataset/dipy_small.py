@@ -28,8 +28,8 @@ import nibabel as nib
 import numpy as np
 
 from .. import naming
-from ..simulate.phantom import (update_participants, write_dataset_description,
-                                write_json_atomic, write_nifti_atomic, write_text_atomic)
+from ..atomic import write_json_atomic, write_nifti_atomic, write_text_atomic
+from ..simulate.phantom import update_participants, write_dataset_description
 
 log = logging.getLogger("vaemap.dataset")
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .. import naming
+from .. import atomic, naming
 from .hcp_errors import (HCPAccessDeniedError, HCPBusyError, HCPCredentialsError, HCPError,
                          HCPInputError, HCPNetworkError, HCPOutputError,
                          HCPSubjectNotFoundError, output_error)
@@ -209,19 +209,11 @@ class _Manifest:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename (never half-written)."""
-    path = Path(path)
+    """:func:`vaemap_bids.atomic.write_text_atomic`, a failure reported as an HCP output error."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fobj:
-                fobj.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_text_atomic(path, text)
     except OSError as exc:
-        raise output_error(path, exc) from None
+        raise output_error(Path(path), exc) from None
 
 
 def ensure_writable_dir(path: Path) -> Path:

@@ -16,6 +16,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     traits)
 
 from .. import naming
+from ..atomic import write_json_atomic, write_nifti_atomic, write_npz_atomic, write_text_atomic
 from ..dataset import derivatives as dv
 from ..dataset.signals import rows_to_volume
 from ..physics import make_model
@@ -81,8 +82,8 @@ class WriteFitDerivatives(SimpleInterface):
 
         def save(name: str, data: np.ndarray, sidecar: dict, dtype=np.float32):
             path = dwi_dir / name
-            dv.write_nifti_atomic(path, dv.image_like(data, mask_img, dtype))
-            dv.write_json_atomic(dwi_dir / naming.sidecar(name), sidecar)
+            write_nifti_atomic(path, dv.image_like(data, mask_img, dtype))
+            write_json_atomic(dwi_dir / naming.sidecar(name), sidecar)
             written.extend([path, dwi_dir / naming.sidecar(name)])
             return path
 
@@ -123,7 +124,7 @@ class WriteFitDerivatives(SimpleInterface):
                         dv.dseg_sidecar(info, method, hyper, k, probabilistic=False, **common),
                         dtype=np.int16)
             tsv = dwi_dir / naming.dseg_table_name(ents, model_name, method)
-            dv.write_text_atomic(tsv, dv.dseg_tsv(k))
+            write_text_atomic(tsv, dv.dseg_tsv(k))
             written.append(tsv)
             probseg = save(naming.probseg_name(ents, model_name, method),
                            rows_to_volume(np.nan_to_num(resp, nan=0.0), mask, 0.0),
@@ -132,7 +133,7 @@ class WriteFitDerivatives(SimpleInterface):
                           "probseg": _rel(out_dir, probseg)})
         if "latent_mean" in arrays:
             latent = log_dir / naming.latent_name(ents, model_name, method)
-            dv.write_npz_atomic(latent, **latent_subsample(arrays, mask, common["seed"]))
+            write_npz_atomic(latent, **latent_subsample(arrays, mask, common["seed"]))
             written.append(latent)
             extra["latent"] = _rel(out_dir, latent)
         fit_record = {k: record[k] for k in (
@@ -142,7 +143,7 @@ class WriteFitDerivatives(SimpleInterface):
                            "n_excluded": record.get("n_excluded", 0),
                            "n_measurements": record.get("n_measurements")})
         record_path = log_dir / naming.fit_record_name(ents, model_name, method)
-        dv.write_json_atomic(record_path, fit_record)  # last: its presence means "complete"
+        write_json_atomic(record_path, fit_record)  # last: its presence means "complete"
         written.append(record_path)
         self._results["out_files"] = [str(p) for p in written]
         self._results["fit_record"] = str(record_path)
@@ -190,8 +191,8 @@ class WriteMask(SimpleInterface):
         name = naming.mask_name(self.inputs.entities)
         path = out_dir / naming.dwi_dir(self.inputs.entities) / name
         img = nib.load(self.inputs.mask_file)
-        dv.write_nifti_atomic(path, dv.image_like(np.asanyarray(img.dataobj), img, np.uint8))
-        dv.write_json_atomic(path.parent / naming.sidecar(name),
+        write_nifti_atomic(path, dv.image_like(np.asanyarray(img.dataobj), img, np.uint8))
+        write_json_atomic(path.parent / naming.sidecar(name),
                              dv.mask_sidecar(self.inputs.mask_info["source"],
                                              list(self.inputs.sources)))
         self._results["out_file"] = str(path)
@@ -257,7 +258,7 @@ class WriteSummary(SimpleInterface):
                             for p in self.inputs.fit_records],
         }
         path = Path(self.inputs.output_dir) / naming.log_dir(ents) / naming.summary_name(ents)
-        dv.write_json_atomic(path, summary)
+        write_json_atomic(path, summary)
         self._results["summary_file"] = str(path)
         return runtime
 

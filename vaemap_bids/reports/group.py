@@ -41,7 +41,8 @@ from . import figures as F
 from .collect import (METHOD_ORDER, Series, clean_label, expected_prefixes, find_series, sort_methods,
                       subjects_in_bids, subjects_in_output)
 from .metrics import OUTLIER_Z, finite, median_iqr, per_label_median_iqr, robust_z
-from .render import render, write_text
+from ..atomic import write_text_atomic as write_text
+from .render import render
 
 log = logging.getLogger("vaemap.reports")
 

@@ -18,7 +18,8 @@ from . import figures as F
 from .collect import VAE_METHODS, Series, clean_label, find_series, sort_methods
 from .metrics import (agreement, angular_difference_deg, at_bound, finite, median_iqr,
                       msdki_b_max, msdki_outside_validity, per_label_median_iqr)
-from .render import render, write_text
+from ..atomic import write_text_atomic as write_text
+from .render import render
 
 log = logging.getLogger("vaemap.reports")
 
@@ -388,7 +389,7 @@ def methods_text(series: list[Series]) -> dict:
         else:
             text.append("The least-squares (lsq) estimates come from vaemap's batched "
                         "Levenberg-Marquardt solver, which is tested against the reference "
-                        f"implementations of dipy [dipy] and dmipy [dmipy]. ")
+                        "implementations of dipy [dipy] and dmipy [dmipy]. ")
     else:
         text.append("Reference least-squares implementations exist in dipy [dipy] and dmipy "
                     "[dmipy]; no least-squares fit ran here. ")

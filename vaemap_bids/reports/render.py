@@ -1,11 +1,8 @@
 """HTML rendering from the templates in ``vaemap_bids/data/reports/`` and atomic file writes."""
 from __future__ import annotations
 
-import os
-import tempfile
 from functools import lru_cache
 from importlib.resources import files
-from pathlib import Path
 
 import jinja2
 
@@ -29,17 +26,3 @@ def render(template: str, context: dict) -> str:
     return _environment().get_template(template).render(**context)
 
 
-def write_text(path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -69,7 +69,7 @@ def build_demo_dataset(demo_dir, subjects=DEMO_SUBJECTS, *, seed: int = 0) -> di
 def write_demo_config(path) -> Path:
     import yaml
 
-    from .phantom import write_text_atomic
+    from ..atomic import write_text_atomic
 
     header = ("# vaemap demo: REDUCED epoch budget so that the demo runs in minutes on a CPU.\n"
               "# Full runs use the defaults in vaemap_bids/data/hyperparameters.yaml.\n")
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"vaemap-demo: {exc}", file=sys.stderr)
         return 73
-    from .phantom import write_json_atomic
+    from ..atomic import write_json_atomic
 
     bids, truth, out, work = (demo_dir / s for s in ("bids", "truth", "out", "work"))
     have = all((bids / f"sub-{s}").is_dir() for s in args.subjects)

@@ -36,10 +36,6 @@ MS-DKI fit of that signal approaches as b -> 0, not what generated the signal.
 from __future__ import annotations
 
 import csv
-import gzip
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -50,6 +46,7 @@ from nibabel.orientations import axcodes2ornt
 from scipy import ndimage
 
 from .. import naming
+from ..atomic import write_json_atomic, write_nifti_atomic, write_text_atomic
 from ..physics.acquisition import Acquisition
 from ..physics.base import get_model_class, make_model
 from .acquisitions import hcp_acquisition
@@ -81,38 +78,6 @@ _INT16_MAX = 32767
 
 
 # ---- file helpers (every write is atomic: a hidden temp file in the target folder, renamed) ---
-
-def _atomic_bytes(path: Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path, text: str) -> Path:
-    return _atomic_bytes(Path(path), text.encode("utf-8"))
-
-
-def write_json_atomic(path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def write_nifti_atomic(path, img: nib.Nifti1Image) -> Path:
-    """``img`` to ``path`` (.nii.gz compressed with mtime 0, so identical data give identical
-    bytes)."""
-    path = Path(path)
-    raw = img.to_bytes()
-    if path.name.endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
-    return _atomic_bytes(path, raw)
-
 
 def write_dataset_description(bids_dir, name: str, extra: dict | None = None) -> Path:
     """A raw dataset's ``dataset_description.json``, unless one is already there."""
