@@ -74,7 +74,7 @@ class NodeMeter:
 
 def monitor_rows(work_dir: Path) -> list[dict]:
     """Per-node runtime figures of Nipype's resource monitor, from the node result files."""
-    from nipype.utils.filemanip import load_resultfile
+    from nipype.pipeline.engine.utils import load_resultfile
 
     rows = []
     for result in sorted(work_dir.rglob("result_*.pklz")):

@@ -331,12 +331,10 @@ def finish_participants(config: Config, plans) -> None:
                  Path(config.output_dir) / naming.log_dir(ents))
     for subject in sorted({plan.series.entities["subject"] for plan in plans}):
         try:
-            report = generate_participant_report(config.output_dir, subject,
-                                                 bids_dir=config.bids_dir)
+            generate_participant_report(config.output_dir, subject, bids_dir=config.bids_dir)
         except (OSError, ValueError) as exc:
             raise VaemapError(f"sub-{subject}: the report could not be written ({exc})",
                               EXIT_CANTCREAT) from None
-        log.info("sub-%s: report %s", subject, report)
 
 
 if __name__ == "__main__":  # pragma: no cover
