@@ -26,12 +26,12 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_bytes_atomic
 from .. import __version__
 from ..fitting.base import METHODS, NETWORK_METHODS
 from ..physics.base import make_model
@@ -78,19 +78,7 @@ class UsageError(ValueError):
 
 # ---- writing --------------------------------------------------------------------------------
 def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, data.encode() if isinstance(data, str) else data)
 
 
 def _json_safe(obj):
@@ -529,7 +517,10 @@ def _sweep_summary(runs: list[dict], param_labels) -> list[dict]:
         groups.setdefault((r["method"], r["latent_dim"], r["beta"]), []).append(r)
     return [{"method": m, "latent_dim": ld, "beta": be, "n_seeds": len(rs),
              "rmse": {lab: mean_sd([r["metrics"][lab][POOLED]["rmse"] for r in rs]) for lab in param_labels},
-             "r": {lab: mean_sd([r["metrics"][lab][POOLED]["r"] for r in rs]) for lab in param_labels}}
+             "r": {lab: mean_sd([r["metrics"][lab][POOLED]["r"] for r in rs]) for lab in param_labels},
+             "rmse_by_cluster": {lab: {cl: mean_sd([r["metrics"][lab][cl]["rmse"] for r in rs])
+                                       for cl in rs[0]["metrics"][lab] if cl != POOLED}
+                                 for lab in param_labels}}
             for (m, ld, be), rs in groups.items()]
 
 
@@ -538,8 +529,8 @@ def sweep_markdown(results: dict) -> str:
     lines = ["# vaemap-sim --sweep: latent dimension x KL weight (paper Fig. 6)", "",
              f"SNR {cfg['snr']:g}, {cfg['n_voxels']} voxels, seeds {cfg['seeds']}, device "
              f"{cfg['device']}. Pooled RMSE and Pearson r, mean ± sd over seeds.", "",
-             results["note"], ""] + [f"**Warning:** {w}" for w in results.get("warnings", [])] + [
-             "", "| method | latent dim | KL weight | " + " | ".join(f"RMSE {s}" for s in params.values())
+             results["note"], ""] + [f"**Warning:** {w}\n" for w in results.get("warnings", [])] + [
+             "| method | latent dim | KL weight | " + " | ".join(f"RMSE {s}" for s in params.values())
              + " | " + " | ".join(f"r {s}" for s in params.values()) + " |",
              "|---" * (3 + 2 * len(params)) + "|"]
     for row in results.get("summary", []):
@@ -547,6 +538,17 @@ def sweep_markdown(results: dict) -> str:
         be = "-" if row["beta"] is None else _beta_text(row["beta"])
         cells = [_fmt(row["rmse"][lab], 4) for lab in params] + [_fmt(row["r"][lab], 3) for lab in params]
         lines.append(f"| {row['method']} | {ld} | {be} | " + " | ".join(cells) + " |")
+    rows = [row for row in results.get("summary", []) if "rmse_by_cluster" in row]
+    if rows:
+        cols = [(lab, cl) for lab in params for cl in rows[0]["rmse_by_cluster"][lab]]
+        lines += ["", "RMSE per cluster:", "",
+                  "| method | latent dim | KL weight | " + " | ".join(f"{params[lab]} {cl}" for lab, cl in cols) + " |",
+                  "|---" * (3 + len(cols)) + "|"]
+        for row in rows:
+            ld = "-" if row["latent_dim"] is None else row["latent_dim"]
+            be = "-" if row["beta"] is None else _beta_text(row["beta"])
+            lines.append(f"| {row['method']} | {ld} | {be} | "
+                         + " | ".join(_fmt(row["rmse_by_cluster"][lab][cl], 3) for lab, cl in cols) + " |")
     return "\n".join(lines + [""])
 
 
