@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     setup_logging(0)
     config = build_config(parse_args(cli))
     meter = NodeMeter()
+    # Nipype's resource monitor writes its .proc-* samples into the current directory
+    os.chdir(root)
     t0 = time.perf_counter()
     plans = run_participant_level(config, status_callback=meter if plugin == "Linear" else None,
                                   resource_monitor=have_psutil)
