@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory budget of the run in GB (default: 90%% of the machine)")
     perf.add_argument("--use-plugin", "--use_plugin", dest="use_plugin", type=Path,
                       metavar="PLUGIN.yml", default=None,
-                      help="Nipype plugin file, e.g. 'plugin: SLURMGraph' and 'plugin_args: "
+                      help="Nipype plugin file, e.g. 'plugin: SLURM' and 'plugin_args: "
                            "{sbatch_args: ...}' (default: MultiProc)")
     return parser
 
