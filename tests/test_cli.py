@@ -142,3 +142,13 @@ def test_graph_flags_gpu_nodes(tmp_path, bids_dir, device):
     assert ("n_gpu_procs" in args) == (device == "cuda")
     if device == "cuda":
         assert args["n_gpu_procs"] >= 1
+
+
+def test_group_level_with_no_subject_exits_18(capsys, tmp_path):
+    bids = tmp_path / "empty_bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text('{"Name": "empty", "BIDSVersion": "1.9.0"}')
+    (tmp_path / "out").mkdir()
+    code = main([str(bids), str(tmp_path / "out"), "group"])
+    assert code == 18
+    assert "no participant to report on" in capsys.readouterr().err

@@ -259,6 +259,9 @@ def run_group_level(config: Config) -> int:
     report = output_dir / "group.html"
     if code == EXIT_OK:
         log.info("group report: %s", report)
+    elif code == EXIT_NO_DATA:
+        print(f"vaemap: error: no participant to report on (none selected or found); see {report}",
+              file=sys.stderr)
     else:
         print(f"vaemap: error: some participants' outputs are missing or incomplete; see {report}",
               file=sys.stderr)

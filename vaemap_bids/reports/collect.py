@@ -117,15 +117,9 @@ class Series:
             return ()
 
     def fit_timing(self, model: str, method: str) -> tuple[float | None, float | None]:
-        """(wall seconds, voxels per second) of one fit. The record's ``timings`` holds
-        ``fit_seconds``/``voxels_per_second`` (contract, lsq) or ``total_s`` (network trainer)."""
-        rec = self.fit_record(model, method) or {}
-        t = rec.get("timings") or {}
-        seconds = t.get("fit_seconds", t.get("total_s"))
-        rate = t.get("voxels_per_second")
-        if rate is None and seconds and rec.get("n_voxels"):
-            rate = rec["n_voxels"] / seconds
-        return seconds, rate
+        """(wall seconds, voxels per second) of one fit, from its record's ``timings``."""
+        t = (self.fit_record(model, method) or {}).get("timings") or {}
+        return t.get("fit_seconds"), t.get("voxels_per_second")
 
     # ---- images ------------------------------------------------------------------------------
     def _image(self, name: str) -> np.ndarray | None:
