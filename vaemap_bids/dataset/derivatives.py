@@ -14,23 +14,10 @@ import numpy as np
 
 from .. import __version__, naming
 from ..atomic import write_json_atomic, write_text_atomic
+from ..fitting.base import ESTIMATORS
 
 CODE_URL = "https://github.com/vaemap/vaemap"
 PAPER_URL = "https://arxiv.org/abs/2411.10772"
-
-#: What each estimator is, for the sidecars' ``Model.FitMethod`` text.
-METHOD_DESCRIPTIONS = {
-    "lsq": "Voxelwise non-linear least squares.",
-    "ssl": ("Voxelwise self-supervised network (Lim et al. 2022): an MLP maps each voxel's "
-            "signal to the model's parameters; the loss compares the model's predicted signal "
-            "with the measured one."),
-    "vaeunig": ("Self-supervised variational autoencoder with a univariate Gaussian latent prior "
-                "(Xu et al., arXiv:2411.10772); maps are the decoder's output at the posterior mean."),
-    "vaegmm": ("Self-supervised variational autoencoder with a Gaussian-mixture latent prior "
-               "(Xu et al., arXiv:2411.10772); maps are the decoder's output at the posterior "
-               "mean, and the mixture responsibilities give a soft clustering of the voxels."),
-}
-
 
 # ---- images ----------------------------------------------------------------------------------
 
@@ -91,7 +78,7 @@ def model_block(model_info: dict, method: str, hyperparameters: dict) -> dict:
         "URL": model_info["URL"],
         "Citation": model_info.get("Citation"),
         "FitMethod": method,
-        "FitMethodDescription": METHOD_DESCRIPTIONS.get(method, method),
+        "FitMethodDescription": ESTIMATORS[method].description if method in ESTIMATORS else method,
         "Parameters": hyperparameters,
     }
 

@@ -1,4 +1,5 @@
-"""What every estimator returns, the device choice, and the shared input checks."""
+"""The estimator registry, what every estimator returns, the device choice, and the shared
+input checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,8 +9,43 @@ import torch
 
 from ..physics.base import SignalModel
 
-METHODS = ("lsq", "ssl", "vaeunig", "vaegmm")
-NETWORK_METHODS = ("ssl", "vaeunig", "vaegmm")
+
+@dataclass(frozen=True)
+class Estimator:
+    """One method of the command line (``--methods``; ``desc-<name>`` in file names).
+
+    ``outputs`` are the per-voxel results it gives beside the parameter maps, each of which the
+    derivatives table turns into files: ``std`` (posterior or Laplace standard deviation),
+    ``responsibilities`` (soft clustering: dseg + probseg), ``latent`` (posterior means)."""
+
+    name: str
+    description: str        # the sidecars' Model.FitMethodDescription
+    network: bool           # trained on the subject's data (a GPU node when there is a GPU)
+    outputs: tuple[str, ...] = ()
+
+
+ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
+    Estimator("lsq", "Voxelwise non-linear least squares.", network=False),
+    Estimator("ssl", "Voxelwise self-supervised network (Lim et al. 2022): an MLP maps each "
+              "voxel's signal to the model's parameters; the loss compares the model's predicted "
+              "signal with the measured one.", network=True),
+    Estimator("vaeunig", "Self-supervised variational autoencoder with a univariate Gaussian "
+              "latent prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
+              "posterior mean.", network=True, outputs=("std", "latent")),
+    Estimator("vaegmm", "Self-supervised variational autoencoder with a Gaussian-mixture latent "
+              "prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
+              "posterior mean, and the mixture responsibilities give a soft clustering of the "
+              "voxels.", network=True, outputs=("std", "responsibilities", "latent")),
+)}
+METHODS = tuple(ESTIMATORS)
+NETWORK_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.network)
+
+
+def get_estimator(name: str) -> Estimator:
+    try:
+        return ESTIMATORS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose from {list(METHODS)}") from None
 
 
 class DeviceUnavailableError(RuntimeError):

@@ -28,7 +28,7 @@ from vaemap_bids.reports.collect import load_canonical
 from vaemap_bids.reports.group import EXIT_INCOMPLETE, EXIT_NO_SUBJECTS, EXIT_OK, run_group
 from vaemap_bids.reports.participant import SECTIONS, generate_participant_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 SECTION_IDS = [sid for sid, _ in SECTIONS]
 FIGURE_SECTIONS = ("maps", "fit-quality", "agreement", "training", "latent", "clusters")
