@@ -67,3 +67,9 @@ def write_npz_atomic(path, **arrays) -> Path:
         with open(tmp, "wb") as fobj:
             np.savez_compressed(fobj, **arrays)
     return _replace_from_temp(path, write)
+
+
+def copy_file_atomic(src, dst) -> Path:
+    """Copy ``src`` onto ``dst`` through a temporary file in ``dst``'s folder."""
+    import shutil
+    return _replace_from_temp(dst, lambda tmp: shutil.copyfile(src, tmp))

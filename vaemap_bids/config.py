@@ -7,36 +7,45 @@ from __future__ import annotations
 
 import os
 import uuid
+from enum import IntEnum
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__
 
-# ---- exit codes (BIDS-Apps execution spec; sysexits.h) ---------------------------------------
-EXIT_OK = 0
-EXIT_FAILURE = 1            # a node of the graph failed (see its crash file)
-EXIT_VALIDATION = 16        # the input dataset is not valid BIDS
-EXIT_UNKNOWN_LEVEL = 17     # analysis level is not participant or group
-EXIT_NO_DATA = 18           # no matching participant, session or DWI series
-EXIT_USAGE = 64             # bad command line
-EXIT_DATAERR = 65           # input data are wrong (bval/bvec/image), or cannot support a model asked for
-EXIT_NOINPUT = 66           # an input file or folder does not exist
-EXIT_CANTCREAT = 73         # the output or work dir cannot be created or written
-EXIT_TEMPFAIL = 75          # a resource is not there now (the GPU asked for)
+# ---- exit codes (BIDS-Apps execution spec; sysexits.h): the one table ----------------------
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1             # a node of the graph failed (see its crash file)
+    VALIDATION = 16         # the input dataset is not valid BIDS
+    UNKNOWN_LEVEL = 17      # analysis level is not participant or group
+    NO_DATA = 18            # no matching participant, session or DWI series
+    USAGE = 64              # bad command line
+    DATAERR = 65            # input data are wrong, or cannot support a model asked for
+    NOINPUT = 66            # an input file or folder does not exist (or, at the group level,
+                            # a subject's outputs are missing or incomplete)
+    CANTCREAT = 73          # the output or work dir cannot be created or written
+    TEMPFAIL = 75           # a resource is not there now (the GPU asked for, the network)
 
-EXIT_CODES = {
-    EXIT_OK: "success",
-    EXIT_FAILURE: "a processing step failed (its crash file is named in the log)",
-    EXIT_VALIDATION: "BIDS validation failed",
-    EXIT_UNKNOWN_LEVEL: "unknown analysis level",
-    EXIT_NO_DATA: "no matching participant, session or data",
-    EXIT_USAGE: "usage error",
-    EXIT_DATAERR: "bad input data",
-    EXIT_NOINPUT: "missing input",
-    EXIT_CANTCREAT: "cannot create output",
-    EXIT_TEMPFAIL: "temporary failure (e.g. the GPU asked for is not available)",
+
+EXIT_MEANINGS = {
+    ExitCode.OK: "success",
+    ExitCode.FAILURE: "a processing step failed",
+    ExitCode.VALIDATION: "BIDS validation failed",
+    ExitCode.UNKNOWN_LEVEL: "unknown analysis level",
+    ExitCode.NO_DATA: "no matching participant or data",
+    ExitCode.USAGE: "usage error",
+    ExitCode.DATAERR: "bad input data",
+    ExitCode.NOINPUT: "missing input",
+    ExitCode.CANTCREAT: "cannot create output",
+    ExitCode.TEMPFAIL: "temporary failure (the GPU asked for is not available, the network)",
 }
+
+
+def exit_codes_help(codes=tuple(ExitCode)) -> str:
+    """``Exit codes: 0 success; 1 ...`` for a command's ``--help``."""
+    return "Exit codes: " + "; ".join(f"{int(c)} {EXIT_MEANINGS[c]}" for c in codes) + "."
 
 
 class VaemapError(Exception):

@@ -1,74 +1,80 @@
-"""Every output file name vaemap writes, from one table.
+"""BIDS names: the one label cleaner, the entity order, and the name builder.
 
-A *prefix* is the input DWI series' entities in BIDS order (sub, ses, acq, run, space), e.g.
-``sub-01_ses-pre_acq-multishell``. Everything a series produces is named ``<prefix>_<...>``.
-
-Derivatives (``OUTPUT_DIR/sub-<L>[/ses-<S>]/dwi/``):
-
-============================  ==================================================================
-kind                          name
-============================  ==================================================================
-brain mask                    ``<prefix>_desc-brain_mask.nii.gz``
-parameter map                 ``<prefix>_model-<model>_desc-<method>_param-<param>_dwimap.nii.gz``
-posterior standard deviation  ``<prefix>_model-<model>_desc-<method>_param-<param>_stat-std_dwimap.nii.gz``
-fit residual (NRMSE)          ``<prefix>_model-<model>_desc-<method>_stat-nrmse_dwimap.nii.gz``
-vaegmm hard clusters          ``<prefix>_model-<model>_desc-vaegmm_dseg.nii.gz`` (+ ``_dseg.tsv`` table)
-vaegmm responsibilities       ``<prefix>_model-<model>_desc-vaegmm_probseg.nii.gz`` (4-D, K vols)
-============================  ==================================================================
-
-Each ``.nii.gz`` has a ``.json`` sidecar of the same stem. Run records that reports read live in
-``OUTPUT_DIR/sub-<L>[/ses-<S>]/log/``:
-
-- ``<prefix>_summary.json``: inputs, acquisition shells, mask size, which models/methods ran or
-  were skipped and why, device, seed, versions;
-- ``<prefix>_model-<model>_desc-<method>_fit.json``: hyper-parameters, training history (per
-  epoch: loss, recon, kl, beta, tau, val_loss), timings, device, fit-quality counts;
-- ``<prefix>_model-<model>_desc-<method>_latent.npz``: a voxel subsample of posterior means
-  (``latent_mean``), ``responsibilities`` (vaegmm) and their voxel indices (``index``).
+Every file name vaemap writes is ``build_name(entities, suffix, extension)``: the entities in the
+order of :data:`ENTITIES` (``sub``, ``ses``, ``acq``, ``run``, ``space`` of the input series, then
+``model``, ``desc``, ``param``, ``stat`` of the derivative), then the suffix. Which outputs exist
+and what their entities are is the derivatives table, :mod:`vaemap_bids.outputs.table`.
 """
 from __future__ import annotations
 
 import re
 
-#: Input entities carried into output names, in BIDS order.
-PREFIX_ENTITIES = ("subject", "session", "acquisition", "run", "space")
-_ENTITY_KEYS = {"subject": "sub", "session": "ses", "acquisition": "acq", "run": "run",
-                "space": "space"}
+#: (entity, key in file names), in the order names are written.
+ENTITIES = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"), ("run", "run"),
+            ("space", "space"), ("model", "model"), ("desc", "desc"), ("param", "param"),
+            ("stat", "stat"))
+#: The input series' entities carried into every output name.
+SERIES_ENTITIES = ("subject", "session", "acquisition", "run", "space")
+_KEYS = dict(ENTITIES)
+_ENTITY_OF_KEY = {key: entity for entity, key in ENTITIES}
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
 
-MAP_SUFFIX = "dwimap"
-STD_STAT = "std"
-NRMSE_STAT = "nrmse"
 
-
-def check_label(value: str, what: str = "label") -> str:
-    """A BIDS label: letters and digits only (rejects '/', '..', '_' and '-')."""
+def check_label(value, what: str = "label") -> str:
+    """A BIDS label: letters and digits only (rejects '/', '..', '_', '-' and spaces)."""
     value = str(value)
     if not _LABEL.match(value):
         raise ValueError(f"invalid {what} {value!r}: BIDS labels are letters and digits only")
     return value
 
 
-def prefix(entities: dict) -> str:
-    """``sub-01_ses-a_acq-b_run-1`` from ``{"subject": "01", "session": "a", ...}``."""
-    if not entities.get("subject"):
-        raise ValueError("a subject label is required")
-    parts = []
-    for key in PREFIX_ENTITIES:
-        val = entities.get(key)
-        if val is None or val == "":
-            continue
-        parts.append(f"{_ENTITY_KEYS[key]}-{check_label(val, key) if key != 'run' else _run_index(val)}")
-    return "_".join(parts)
+def clean_label(value, key: str = "sub") -> str:
+    """The bare label of ``sub-01`` or ``01`` (``key`` is the entity key: sub, ses, ...);
+    ValueError when what is left is not a BIDS label."""
+    text = str(value).strip()
+    if text.startswith(f"{key}-"):
+        text = text[len(key) + 1:]
+    return check_label(text, f"{_ENTITY_OF_KEY.get(key, key)} label")
 
 
 def _run_index(value) -> str:
-    """A run index as the input wrote it (``run-01`` stays ``run-01``; pybids' PaddedInt keeps
+    """A run index as the input wrote it (``run-01`` stays ``run-01``: pybids' PaddedInt keeps
     the padding in ``str``)."""
     text = str(value)
     if not text.isdigit():
         raise ValueError(f"invalid run {text!r}: BIDS run indices are non-negative integers")
     return text
+
+
+def series_entities(entities: dict) -> dict:
+    """The series part of ``entities`` (those present)."""
+    return {k: entities[k] for k in SERIES_ENTITIES if entities.get(k) not in (None, "")}
+
+
+def entity_parts(entities: dict) -> list[str]:
+    """``["sub-01", "ses-a", ..., "model-msdki", "desc-lsq"]`` in BIDS order."""
+    if not entities.get("subject"):
+        raise ValueError("a subject label is required")
+    unknown = set(entities) - set(_KEYS)
+    if unknown:
+        raise ValueError(f"unknown entities {sorted(unknown)}")
+    parts = []
+    for entity, key in ENTITIES:
+        value = entities.get(entity)
+        if value in (None, ""):
+            continue
+        parts.append(f"{key}-{_run_index(value) if entity == 'run' else check_label(value, entity)}")
+    return parts
+
+
+def build_name(entities: dict, suffix: str, extension: str) -> str:
+    """``sub-01_model-msdki_desc-lsq_param-msd_dwimap.nii.gz`` from entities, suffix, extension."""
+    return "_".join(entity_parts(entities) + [suffix]) + extension
+
+
+def prefix(entities: dict) -> str:
+    """``sub-01_ses-a_acq-b_run-1``: the series' entities, the start of all its output names."""
+    return "_".join(entity_parts(series_entities(entities)))
 
 
 def subject_dir(entities: dict) -> str:
@@ -78,63 +84,21 @@ def subject_dir(entities: dict) -> str:
     return f"{sub}/ses-{check_label(ses, 'session')}" if ses else sub
 
 
-def dwi_dir(entities: dict) -> str:
-    return f"{subject_dir(entities)}/dwi"
-
-
-def log_dir(entities: dict) -> str:
-    return f"{subject_dir(entities)}/log"
-
-
-def mask_name(entities: dict) -> str:
-    return f"{prefix(entities)}_desc-brain_mask.nii.gz"
-
-
-def map_name(entities: dict, model: str, method: str, param: str, stat: str | None = None) -> str:
-    stat_part = f"_stat-{stat}" if stat else ""
-    return f"{prefix(entities)}_model-{model}_desc-{method}_param-{param}{stat_part}_{MAP_SUFFIX}.nii.gz"
-
-
-def nrmse_name(entities: dict, model: str, method: str) -> str:
-    """Voxelwise RMS of (measured - predicted) S/S0 over the model's volumes, divided by the RMS
-    of the measured S/S0."""
-    return f"{prefix(entities)}_model-{model}_desc-{method}_stat-{NRMSE_STAT}_{MAP_SUFFIX}.nii.gz"
-
-
-def dseg_name(entities: dict, model: str, method: str = "vaegmm") -> str:
-    return f"{prefix(entities)}_model-{model}_desc-{method}_dseg.nii.gz"
-
-
-def dseg_table_name(entities: dict, model: str, method: str = "vaegmm") -> str:
-    """The lookup table (index, name) that BIDS pairs with a dseg image."""
-    return f"{prefix(entities)}_model-{model}_desc-{method}_dseg.tsv"
-
-
-def probseg_name(entities: dict, model: str, method: str = "vaegmm") -> str:
-    return f"{prefix(entities)}_model-{model}_desc-{method}_probseg.nii.gz"
-
-
-def summary_name(entities: dict) -> str:
-    return f"{prefix(entities)}_summary.json"
-
-
-def fit_record_name(entities: dict, model: str, method: str) -> str:
-    return f"{prefix(entities)}_model-{model}_desc-{method}_fit.json"
-
-
-def latent_name(entities: dict, model: str, method: str) -> str:
-    return f"{prefix(entities)}_model-{model}_desc-{method}_latent.npz"
-
-
 def sidecar(nifti_name: str) -> str:
     """``x.nii.gz`` -> ``x.json``; ``x_dseg.nii.gz`` -> ``x_dseg.json``."""
     return re.sub(r"\.nii(\.gz)?$", ".json", nifti_name)
 
 
 def parse(name: str) -> dict:
-    """Entities of an output name, e.g. ``{"sub": "01", "model": "msdki", ..., "suffix": "dwimap"}``."""
+    """Keys of a BIDS name, e.g. ``{"sub": "01", "model": "msdki", ..., "suffix": "dwimap"}``."""
     stem = re.sub(r"\.(nii\.gz|nii|json|npz|tsv)$", "", name.rsplit("/", 1)[-1])
     parts = stem.split("_")
     out = dict(p.split("-", 1) for p in parts[:-1] if "-" in p)
     out["suffix"] = parts[-1]
     return out
+
+
+def parse_series_entities(name: str) -> dict:
+    """The series entities of a BIDS file name, as ``{"subject": ..., "session": ...}``."""
+    keys = parse(name)
+    return {entity: keys[key] for entity, key in ENTITIES[:len(SERIES_ENTITIES)] if key in keys}

@@ -20,10 +20,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import hcp_s3  # noqa: E402
 
-from vaemap_bids.dataset import hcp, hcp_fetch  # noqa: E402
-from vaemap_bids.dataset.hcp import (HCPAccessDeniedError, HCPCredentialsError,  # noqa: E402
-                                     HCPDataError, HCPInputError, HCPNetworkError,
-                                     HCPOutputError, HCPSubjectNotFoundError)
+from vaemap_bids import hcp  # noqa: E402
+from vaemap_bids.cli import fetch_hcp  # noqa: E402
+from vaemap_bids.hcp import fetch as hcp_fetch  # noqa: E402
+from vaemap_bids.hcp import (HCPAccessDeniedError, HCPCredentialsError,  # noqa: E402
+                             HCPDataError, HCPInputError, HCPNetworkError, HCPOutputError,
+                             HCPSubjectNotFoundError)
 
 SUBJECT = "100307"
 BIG_SUBJECT = "100408"        # a ~2.5 MB image, for interrupting downloads
@@ -193,7 +195,7 @@ def test_second_run_transfers_nothing(reader_env, proxy, tmp_path):
 
 
 def test_cli_shows_a_progress_bar(reader_env, tmp_path, capsys):
-    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT]) == 0
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT]) == 0
     err = capsys.readouterr().err
     assert f"{SUBJECT} data.nii.gz: 100%" in err                      # tqdm, on stderr
 
@@ -232,7 +234,7 @@ def test_download_killed_halfway_resumes(source, s3, reader_env, proxy, tmp_path
     size = source[BIG_SUBJECT]["data.nii.gz"].stat().st_size
     proxy.stall(f"{BIG_SUBJECT}/T1w/Diffusion/data.nii.gz", after=(1 << 20) + 300_000)
     env = dict(os.environ, AWS_ENDPOINT_URL=proxy.url)
-    proc = subprocess.Popen([sys.executable, "-m", "vaemap_bids.dataset.hcp", str(bids_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "vaemap_bids.cli.fetch_hcp", str(bids_dir),
                              "--participant-label", BIG_SUBJECT, "--no-progress", "-q"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -252,7 +254,7 @@ def test_download_killed_halfway_resumes(source, s3, reader_env, proxy, tmp_path
 
     proxy.clear()
     before = len(proxy.requests)
-    assert hcp.main([str(bids_dir), "--participant-label", BIG_SUBJECT, "--no-progress", "-q",
+    assert fetch_hcp.main([str(bids_dir), "--participant-label", BIG_SUBJECT, "--no-progress", "-q",
                      "--endpoint-url", proxy.url]) == 0
     gets = [r for r in proxy.requests[before:] if r[0] == "GET" and "data.nii.gz" in r[1]]
     assert [r[2] for r in gets] == [f"bytes={have}-"]
@@ -355,7 +357,7 @@ def test_access_denied_403(s3, monkeypatch, tmp_path, capsys):
     with pytest.raises(HCPAccessDeniedError, match="403") as info:
         hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)
     assert info.value.exit_code == 66
-    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT,
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT,
                      "--no-progress"]) == 66
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("vaemap-fetch-hcp: error: access denied (HTTP 403)")
@@ -382,7 +384,7 @@ def test_subject_not_found_404(reader_env, tmp_path, capsys):
     assert not (tmp_path / "999999").exists()
     with pytest.raises(HCPSubjectNotFoundError, match=f"{NO_DWI_SUBJECT} has no bvals"):
         hcp.fetch_hcp_subject(NO_DWI_SUBJECT, tmp_path, progress=False)
-    assert hcp.main([str(tmp_path / "bids"), "--participant-label", "sub-999999",
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--participant-label", "sub-999999",
                      "--no-progress"]) == 18
     assert "not found" in capsys.readouterr().err
 
@@ -393,7 +395,7 @@ def test_no_credentials(s3, monkeypatch, tmp_path, capsys):
         hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False)
     with pytest.raises(HCPCredentialsError, match="profile 'nope' not found"):
         hcp.fetch_hcp_subject(SUBJECT, tmp_path, profile="nope", progress=False)
-    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT,
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT,
                      "--no-progress"]) == 66
     assert "no AWS credentials found" in capsys.readouterr().err
 
@@ -415,7 +417,7 @@ def test_network_failure_retries_with_backoff_then_exit_75(reader_env, monkeypat
         hcp.fetch_hcp_subject(SUBJECT, tmp_path, progress=False, attempts=4, backoff_s=1.5)
     assert info.value.exit_code == 75
     assert clean_aws_env == [1.5, 3.0, 6.0]                               # exponential back-off
-    assert hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT, "--no-progress",
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--participant-label", SUBJECT, "--no-progress",
                      "--retries", "2"]) == 75
     assert "run the same command again" in capsys.readouterr().err
 
@@ -423,7 +425,7 @@ def test_network_failure_retries_with_backoff_then_exit_75(reader_env, monkeypat
 def test_unwritable_bids_dir_or_full_disk_exit_73(source, reader_env, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    assert hcp.main([str(blocker / "bids"), "--participant-label", SUBJECT,
+    assert fetch_hcp.main([str(blocker / "bids"), "--participant-label", SUBJECT,
                      "--no-progress"]) == 73
     with pytest.raises(HCPOutputError, match="cannot create or write"):
         hcp.convert_hcp_subject(source["root"], SUBJECT, blocker / "bids")
@@ -445,8 +447,8 @@ def test_unwritable_bids_dir_or_full_disk_exit_73(source, reader_env, monkeypatc
 
 
 def test_usage_errors_exit_64(tmp_path, capsys):
-    assert hcp.main([str(tmp_path)]) == 64                       # no subject, no --hcp-dir
-    assert hcp.main([str(tmp_path), "--participant-label", "../etc"]) == 64
+    assert fetch_hcp.main([str(tmp_path)]) == 64                       # no subject, no --hcp-dir
+    assert fetch_hcp.main([str(tmp_path), "--participant-label", "../etc"]) == 64
     assert "invalid HCP subject ID" in capsys.readouterr().err
 
 
@@ -456,7 +458,8 @@ def test_no_secret_in_outputs_work_dir_or_logs(source, s3, reader_env, tmp_path,
     """Fetch through the library, the CLI and the Nipype graph (credentials in the environment,
     as most users set them): no key id or secret anywhere on disk or in the logs."""
     caplog.set_level("DEBUG")
-    from vaemap_bids.interfaces.hcp import FetchHCPSubject, run_hcp_fetch
+    from vaemap_bids.interfaces.hcp import FetchHCPSubject
+    from vaemap_bids.workflows.hcp import run_hcp_fetch
     secrets = [s3.reader.access_key_id, s3.reader.secret_access_key]
     bids_dir, work_dir = tmp_path / "bids", tmp_path / "work"
     subs = run_hcp_fetch([SUBJECT], bids_dir, work_dir)
@@ -472,7 +475,7 @@ def test_no_secret_in_outputs_work_dir_or_logs(source, s3, reader_env, tmp_path,
     assert "AWS_SECRET_ACCESS_KEY" not in result.runtime.environ
     assert (work_dir / "bare" / "fetch" / "_report" / "report.rst").is_file()
 
-    assert hcp.main([str(tmp_path / "bids3"), "--participant-label", SUBJECT, "-v",
+    assert fetch_hcp.main([str(tmp_path / "bids3"), "--participant-label", SUBJECT, "-v",
                      "--no-progress"]) == 0
     assert _secrets_in_tree(tmp_path, secrets) == []
     logs = caplog.text + "".join(capfd.readouterr())
@@ -481,22 +484,27 @@ def test_no_secret_in_outputs_work_dir_or_logs(source, s3, reader_env, tmp_path,
         assert secret not in logs
 
 
-def test_stash_env_credentials_moves_keys_to_a_private_file(s3, reader_env):
-    with hcp.stash_env_credentials() as stashed:
-        assert "AWS_SECRET_ACCESS_KEY" not in os.environ
-        path = Path(stashed.credentials_file)
-        assert stashed.profile == "vaemap-env" and oct(path.stat().st_mode & 0o777) == "0o600"
-        conn = hcp_fetch.connect(stashed.profile, s3.url, stashed.credentials_file)
-        conn.client.head_object(Bucket=hcp_s3.BUCKET, Key=f"HCP_1200/{DATA_KEY}")
-    assert not path.exists()
+def test_secrets_withheld_keeps_them_in_memory_only(s3, reader_env, tmp_path):
+    """While the participant graph runs, the secrets leave os.environ and no file holds them."""
+    import tempfile
+
+    from vaemap_bids.cli.credentials import secrets_withheld
+    before = set(Path(tempfile.gettempdir()).iterdir())
+    with secrets_withheld() as names:
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(names)
+        assert not any(name in os.environ for name in hcp.SECRET_ENV_VARS)
+        created = set(Path(tempfile.gettempdir()).iterdir()) - before
+        secret = s3.reader.secret_access_key
+        for path in created:  # other processes of this machine may create files meanwhile
+            if path.is_dir():
+                assert _secrets_in_tree(path, [secret]) == []
+            elif path.is_file():
+                assert secret.encode() not in path.read_bytes()
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3.reader.secret_access_key
-    with hcp.stash_env_credentials(profile="mine") as stashed:      # explicit profile: no file
-        assert stashed == hcp.StashedCredentials("mine", None)
-        assert "AWS_ACCESS_KEY_ID" not in os.environ
 
 
 def test_graph_failure_raises_the_nodes_hcp_error(reader_env, tmp_path):
-    from vaemap_bids.interfaces.hcp import run_hcp_fetch
+    from vaemap_bids.workflows.hcp import run_hcp_fetch
     with pytest.raises(HCPSubjectNotFoundError) as info:
         run_hcp_fetch(["999999"], tmp_path / "bids", tmp_path / "work")
     assert info.value.exit_code == 18
@@ -516,18 +524,18 @@ def test_convert_hcp_tree_on_disk(source, tmp_path):
     np.testing.assert_allclose(bvec, np.loadtxt(files["bvecs"]).T, atol=1e-9)
     assert not os.path.samefile(subs[0].dwi, files["data.nii.gz"])        # copied
     assert subs[0].dwi.read_bytes() == files["data.nii.gz"].read_bytes()
-    assert hcp.main([str(tmp_path / "bids2"), "--hcp-dir", str(root), "--participant-label",
+    assert fetch_hcp.main([str(tmp_path / "bids2"), "--hcp-dir", str(root), "--participant-label",
                      "200210", "--copy"]) == 0
     assert (tmp_path / "bids2" / "sub-200210" / "dwi" / "sub-200210_dwi.nii.gz").is_file()
 
-    from vaemap_bids.interfaces.hcp import run_hcp_fetch               # the same, as a graph
+    from vaemap_bids.workflows.hcp import run_hcp_fetch               # the same, as a graph
     sub = run_hcp_fetch(["sub-200109"], tmp_path / "bids3", tmp_path / "work", hcp_root=root)[0]
     assert os.path.samefile(sub.dwi, files["data.nii.gz"])               # hard-linked
     np.testing.assert_allclose(np.loadtxt(sub.bvec), np.loadtxt(files["bvecs"]).T, atol=1e-9)
     with pytest.raises(ValueError, match="invalid HCP subject ID"):
         run_hcp_fetch(["../200109"], tmp_path / "bids3", tmp_path / "work", hcp_root=root)
 
-    from vaemap_bids.interfaces.hcp import prepare_hcp_input             # the CLI's entry
+    from vaemap_bids.workflows.hcp import prepare_hcp_input             # the CLI's entry
     bids_dir, masks = prepare_hcp_input("hcp", root, None, tmp_path / "work4")
     assert bids_dir == tmp_path / "work4" / "hcp_bids"
     assert sorted(p.name for p in bids_dir.glob("sub-*")) == ["sub-200109", "sub-200210"]
@@ -539,14 +547,14 @@ def test_convert_hcp_tree_on_disk(source, tmp_path):
 def test_hcp_tree_errors(source, tmp_path):
     with pytest.raises(HCPInputError):
         hcp.convert_hcp_subject(tmp_path / "missing", SUBJECT, tmp_path / "bids")
-    assert hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(tmp_path / "missing")]) == 66
-    assert hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(source["root"]),
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(tmp_path / "missing")]) == 66
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(source["root"]),
                      "--participant-label", "123456"]) == 18
     bad = hcp_s3.make_fake_subject(tmp_path / "HCP" / "300100" / "T1w" / "Diffusion")
     bad["bvals"].write_text(" ".join(["5"] + ["1000"] * 10) + "\n")       # 11 b-values, 19 vols
     with pytest.raises(HCPDataError, match="19 gradient directions but .* has 11 b-values"):
         hcp.convert_hcp_subject(tmp_path / "HCP", "300100", tmp_path / "bids")
-    assert hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(tmp_path / "HCP")]) == 65
+    assert fetch_hcp.main([str(tmp_path / "bids"), "--hcp-dir", str(tmp_path / "HCP")]) == 65
     bad = hcp_s3.make_fake_subject(tmp_path / "HCP2" / "300200" / "T1w" / "Diffusion")
     nib.save(nib.Nifti1Image(np.ones((6, 7, 4), np.uint8), np.diag([-1.25, 1.25, 1.25, 1])),
              str(bad["nodif_brain_mask.nii.gz"]))

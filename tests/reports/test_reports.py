@@ -25,7 +25,8 @@ from lxml import html as lxml_html
 from vaemap_bids import naming
 from vaemap_bids.reports import metrics
 from vaemap_bids.reports.collect import load_canonical
-from vaemap_bids.reports.group import EXIT_INCOMPLETE, EXIT_NO_SUBJECTS, EXIT_OK, run_group
+from vaemap_bids.config import ExitCode
+from vaemap_bids.reports.group import run_group
 from vaemap_bids.reports.participant import SECTIONS, generate_participant_report
 
 REPO = Path(__file__).resolve().parents[2]
@@ -361,7 +362,7 @@ def test_report_numbers_match_the_maps(real_run):
 
 def test_group_level_tables_and_page(real_run):
     out = real_run["out"]
-    assert real_run["group_code"] == EXIT_OK
+    assert real_run["group_code"] == ExitCode.OK
     assert not (out / "group_msdki.tsv").exists()  # only models that ran get a table
     for model, params in (("ballstick", ("stickfrac", "dpar", "diso")),):
         rows = list(csv.DictReader((out / f"group_{model}.tsv").open(), delimiter="\t"))
@@ -415,7 +416,7 @@ def test_group_level_lists_missing_and_incomplete_subjects(real_run, tmp_path):
     ent = {"subject": "01"}
     (out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "ssl", "dpar")).unlink()
     code = run_group(out, bids_dir=real_run["bids"])
-    assert code == EXIT_INCOMPLETE != 0
+    assert code == ExitCode.NOINPUT != 0
     doc = check_html(out / "group.html")
     missing = doc.get_element_by_id("missing").text_content()
     assert "sub-02" in missing and "no outputs" in missing
@@ -427,8 +428,8 @@ def test_group_level_lists_missing_and_incomplete_subjects(real_run, tmp_path):
     (out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "ssl", "dpar")).write_bytes(
         (real_run["out"] / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "ssl", "dpar")
          ).read_bytes())
-    assert run_group(out, participant_labels=["sub-01"]) == EXIT_OK
-    assert run_group(out, participant_labels=["01", "02"]) == EXIT_INCOMPLETE
+    assert run_group(out, participant_labels=["sub-01"]) == ExitCode.OK
+    assert run_group(out, participant_labels=["01", "02"]) == ExitCode.NOINPUT
 
 
 # ---- the synthetic contract: sessions, reorientation, outliers ----------------------------------
@@ -477,7 +478,7 @@ def test_maps_are_drawn_in_ras_orientation(synthetic):
 
 
 def test_group_flags_the_outlier_subject(synthetic):
-    assert run_group(synthetic) == EXIT_OK
+    assert run_group(synthetic) == ExitCode.OK
     rows = list(csv.DictReader((synthetic / "group_msdki.tsv").open(), delimiter="\t"))
     assert len(rows) == 6 * 3 * 2  # 6 series x 3 methods x 2 parameters
     assert {r["session"] for r in rows} == {"pre", "post"}
@@ -515,7 +516,7 @@ def test_participant_report_degrades_gracefully(tmp_path):
     assert "No VAE method" in doc.get_element_by_id("latent").text_content()
     assert "vaegmm did not run" in doc.get_element_by_id("clusters").text_content()
     assert doc.get_element_by_id("agreement").xpath(".//img")  # series b: lsq vs vaegmm msd
-    assert run_group(out) == EXIT_INCOMPLETE
+    assert run_group(out) == ExitCode.NOINPUT
     assert lost in (out / "group.html").read_text()
 
 
@@ -526,9 +527,9 @@ def test_bad_labels_and_empty_output(tmp_path, synthetic):
         generate_participant_report(synthetic, "99")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert run_group(empty) == EXIT_NO_SUBJECTS
+    assert run_group(empty) == ExitCode.NO_DATA
     assert "No participant to summarise" in (empty / "group.html").read_text()
-    assert run_group(tmp_path / "nope") == EXIT_INCOMPLETE
+    assert run_group(tmp_path / "nope") == ExitCode.NOINPUT
 
 
 def test_zz_report_timings():

@@ -295,7 +295,7 @@ def test_truth_inside_bids_rejected(tmp_path):
 
 @pytest.fixture(scope="module")
 def small101d(tmp_path_factory):
-    from vaemap_bids.dataset.dipy_small import convert_small_101d
+    from vaemap_bids.simulate.dipy_small import convert_small_101d
 
     root = tmp_path_factory.mktemp("small101d")
     phantom = write_phantom_dataset(root / "bids", root / "truth", shape=(10, 12, 9))
@@ -303,7 +303,7 @@ def small101d(tmp_path_factory):
 
 
 def test_small101d_is_dipys_data_unchanged(small101d):
-    from vaemap_bids.dataset.dipy_small import small_101d_files
+    from vaemap_bids.simulate.dipy_small import small_101d_files
 
     _, out = small101d
     img_path, bval_path, bvec_path = small_101d_files()
@@ -358,7 +358,7 @@ def test_small101d_mask_derivative(small101d):
 
 
 def test_small101d_alone_and_rerun(tmp_path):
-    from vaemap_bids.dataset.dipy_small import convert_small_101d
+    from vaemap_bids.simulate.dipy_small import convert_small_101d
 
     first = convert_small_101d(tmp_path / "bids", subject="real1")
     digest = hashlib.sha256(Path(first["dwi"]).read_bytes()).hexdigest()

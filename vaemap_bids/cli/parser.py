@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from .. import __version__
-from ..config import EXIT_USAGE
+from ..config import exit_codes_help
 from ..fitting.base import METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
@@ -58,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=("Diffusion-MRI parameter maps (MS-DKI, ball-stick) with physics-informed "
                      "VAEs and baselines, as a BIDS-App."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog=("Exit codes: 0 success; 1 a processing step failed; 16 BIDS validation failed; "
-                "17 unknown analysis level; 18 no matching participant or data; 64 usage error; "
-                "65 bad input data; 66 missing input; 73 cannot create output; 75 temporary "
-                "failure (the GPU asked for is not available)."))
+        epilog=exit_codes_help())
     parser.add_argument("bids_dir", type=Path, metavar="BIDS_DIR",
                         help="the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
@@ -148,4 +145,4 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-__all__ = ["ANALYSIS_LEVELS", "UsageError", "build_parser", "parse_args", "EXIT_USAGE"]
+__all__ = ["ANALYSIS_LEVELS", "UsageError", "build_parser", "parse_args"]

@@ -13,9 +13,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..config import (EXIT_CANTCREAT, EXIT_DATAERR, EXIT_FAILURE, EXIT_NO_DATA, EXIT_NOINPUT,
-                      EXIT_OK, EXIT_TEMPFAIL, EXIT_UNKNOWN_LEVEL, EXIT_USAGE, EXIT_VALIDATION,
-                      Config, VaemapError)
+from ..config import Config, ExitCode, VaemapError
 from .parser import ANALYSIS_LEVELS, UsageError, parse_args
 
 log = logging.getLogger("vaemap")
@@ -29,7 +27,7 @@ def main(argv=None) -> int:
         try:
             args = parse_args(argv)
         except UsageError as exc:
-            raise VaemapError(f"{exc} (see vaemap --help)", EXIT_USAGE) from None
+            raise VaemapError(f"{exc} (see vaemap --help)", ExitCode.USAGE) from None
         verbosity = args.verbosity
         setup_logging(verbosity)
         return run(args)
@@ -66,35 +64,35 @@ def _ensure_writable_dir(path: Path, what: str) -> None:
             pass
     except OSError as exc:
         raise VaemapError(f"{path}: cannot create or write the {what} ({exc.strerror or exc})",
-                          EXIT_CANTCREAT) from None
+                          ExitCode.CANTCREAT) from None
 
 
 def _labels(values, prefix: str) -> list[str]:
-    from ..dataset.bids import clean_label
+    from ..naming import clean_label
     out = []
     for value in values or []:
         try:
             out.append(clean_label(value, prefix))
         except ValueError as exc:
             raise VaemapError(f"--{'participant' if prefix == 'sub' else 'session'}-label: {exc}",
-                              EXIT_USAGE) from None
+                              ExitCode.USAGE) from None
     return sorted(set(out))
 
 
 def _read_plugin(path: Path) -> tuple[str, dict]:
     import yaml
     if not path.is_file():
-        raise VaemapError(f"{path}: plugin file not found", EXIT_NOINPUT)
+        raise VaemapError(f"{path}: plugin file not found", ExitCode.NOINPUT)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
-        raise VaemapError(f"{path}: cannot read the plugin file ({exc})", EXIT_USAGE) from None
+        raise VaemapError(f"{path}: cannot read the plugin file ({exc})", ExitCode.USAGE) from None
     if not isinstance(data, dict) or not isinstance(data.get("plugin"), str):
         raise VaemapError(f"{path}: a plugin file needs 'plugin: NAME' (and optional "
-                          "'plugin_args: {...}')", EXIT_USAGE)
+                          "'plugin_args: {...}')", ExitCode.USAGE)
     plugin_args = data.get("plugin_args") or {}
     if not isinstance(plugin_args, dict):
-        raise VaemapError(f"{path}: 'plugin_args' must be a mapping", EXIT_USAGE)
+        raise VaemapError(f"{path}: 'plugin_args' must be a mapping", ExitCode.USAGE)
     return data["plugin"], plugin_args
 
 
@@ -106,24 +104,24 @@ def build_config(args) -> Config:
     output_dir = Path(args.output_dir).expanduser().resolve()
     if not bids_dir.is_dir():
         raise VaemapError(f"{args.bids_dir}: BIDS_DIR does not exist or is not a folder",
-                          EXIT_NOINPUT)
+                          ExitCode.NOINPUT)
     if _is_within(output_dir, bids_dir):
         raise VaemapError(f"{args.output_dir}: OUTPUT_DIR must not be BIDS_DIR or inside it "
-                          "(vaemap never writes into the input dataset)", EXIT_USAGE)
+                          "(vaemap never writes into the input dataset)", ExitCode.USAGE)
     work_dir = Path(args.work_dir or "work").expanduser().resolve()
     if _is_within(work_dir, bids_dir):
-        raise VaemapError(f"{work_dir}: the work dir must not be inside BIDS_DIR", EXIT_USAGE)
+        raise VaemapError(f"{work_dir}: the work dir must not be inside BIDS_DIR", ExitCode.USAGE)
     for deriv in args.derivatives:
         if not Path(deriv).is_dir():
-            raise VaemapError(f"{deriv}: --derivatives folder does not exist", EXIT_NOINPUT)
+            raise VaemapError(f"{deriv}: --derivatives folder does not exist", ExitCode.NOINPUT)
     hyper = {}
     if args.config_file is not None:
         if not Path(args.config_file).is_file():
-            raise VaemapError(f"{args.config_file}: --config file not found", EXIT_NOINPUT)
+            raise VaemapError(f"{args.config_file}: --config file not found", ExitCode.NOINPUT)
         try:
             hyper = load_config(args.config_file)
         except ValueError as exc:
-            raise VaemapError(str(exc), EXIT_USAGE) from None
+            raise VaemapError(str(exc), ExitCode.USAGE) from None
     from ..fitting.options import check_options, options_for
     from ..physics import available_models
     for model in args.models or available_models():
@@ -132,7 +130,7 @@ def build_config(args) -> Config:
                 check_options(method, model, options_for(hyper, method, model))
             except ValueError as exc:
                 where = f"{args.config_file}: " if args.config_file else ""
-                raise VaemapError(f"{where}{exc}", EXIT_USAGE) from None
+                raise VaemapError(f"{where}{exc}", ExitCode.USAGE) from None
     plugin, plugin_args = "MultiProc", {}
     if args.use_plugin is not None:
         plugin, plugin_args = _read_plugin(Path(args.use_plugin))
@@ -156,7 +154,7 @@ def resolve_device(config: Config) -> None:
         config.resolved_device = str(_resolve(config.device))
     except DeviceUnavailableError as exc:
         raise VaemapError(f"{exc} (no fall-back to CPU: use --device cpu or auto)",
-                          EXIT_TEMPFAIL) from None
+                          ExitCode.TEMPFAIL) from None
 
 
 # ---- participant level -----------------------------------------------------------------------
@@ -169,17 +167,20 @@ def plan_all(config: Config):
     try:
         series = collect_dwi_series(config.bids_dir, config.participant_label, config.session_label)
     except NoMatchingData as exc:
-        raise VaemapError(str(exc), EXIT_NO_DATA) from None
+        raise VaemapError(str(exc), ExitCode.NO_DATA) from None
     except ValueError as exc:
-        raise VaemapError(str(exc), EXIT_DATAERR) from None
+        raise VaemapError(str(exc), ExitCode.DATAERR) from None
+
+    scan_dir = Path(config.work_dir) / "scans"
 
     def check(one):
         try:
-            return plan_series(one, config.models, config.models_explicit, config.derivatives)
+            return plan_series(one, config.models, config.models_explicit, config.derivatives,
+                               scan_dir)
         except FileNotFoundError as exc:
-            return VaemapError(str(exc).strip("'\""), EXIT_NOINPUT)
+            return VaemapError(str(exc).strip("'\""), ExitCode.NOINPUT)
         except ValueError as exc:
-            return VaemapError(str(exc), EXIT_DATAERR)
+            return VaemapError(str(exc), ExitCode.DATAERR)
 
     with ThreadPoolExecutor(max_workers=min(len(series), config.effective_nprocs())) as pool:
         results = list(pool.map(check, series))
@@ -192,20 +193,20 @@ def plan_all(config: Config):
 def run(args) -> int:
     if args.analysis_level not in ANALYSIS_LEVELS:
         raise VaemapError(f"unknown analysis level {args.analysis_level!r}; choose participant "
-                          "or group", EXIT_UNKNOWN_LEVEL)
+                          "or group", ExitCode.UNKNOWN_LEVEL)
     if args.analysis_level == "group":
         return run_group_level(build_config(args))
-    from ..dataset.hcp import stash_env_credentials
-    hcp_source = prepare_hcp(args)  # its fetch graph keeps the secrets out of the work dir itself
+    from .credentials import secrets_withheld
+    hcp_source = prepare_hcp(args)  # in this process, where the credentials are
     config = build_config(args)
     if hcp_source:
         config.input_type = "fetch" if args.fetch_hcp else "hcp"
         config.hcp_source = hcp_source
         config.hcp_profile = args.hcp_profile or ""
     # Nipype records each node's environment in the work dir: keep AWS secrets out of it.
-    with stash_env_credentials(args.hcp_profile):
+    with secrets_withheld():
         run_participant_level(config)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def prepare_hcp(args) -> str:
@@ -215,29 +216,25 @@ def prepare_hcp(args) -> str:
     HCP source as given, or "" for plain BIDS input."""
     if not args.fetch_hcp and args.input_type != "hcp":
         return ""
-    from ..dataset.hcp import HCPError
-    from ..interfaces.hcp import prepare_hcp_input
+    from ..hcp import HCPError
+    from ..workflows.hcp import prepare_hcp_input
 
     source = Path(args.bids_dir).expanduser().resolve()
     output_dir = Path(args.output_dir).expanduser().resolve()
     work_dir = Path(args.work_dir or "work").expanduser().resolve()
     if _is_within(output_dir, source):
         raise VaemapError(f"{args.output_dir}: OUTPUT_DIR must not be inside {source}",
-                          EXIT_USAGE)
+                          ExitCode.USAGE)
     labels = _labels(args.participant_label, "sub")
-    plugin, plugin_args = ("Linear", {})
-    if args.use_plugin is not None:
-        plugin, plugin_args = _read_plugin(Path(args.use_plugin))
     _ensure_writable_dir(work_dir, "work dir")
     try:
         bids_dir, masks = prepare_hcp_input(
             "fetch" if args.fetch_hcp else "hcp", source, labels, work_dir / "hcp",
-            profile=args.hcp_profile, plugin=plugin, plugin_args=plugin_args,
-            progress=sys.stderr.isatty())
+            profile=args.hcp_profile, progress=sys.stderr.isatty())
     except HCPError as exc:
         raise VaemapError(str(exc), exc.exit_code) from None
     except ValueError as exc:
-        raise VaemapError(str(exc), EXIT_USAGE) from None
+        raise VaemapError(str(exc), ExitCode.USAGE) from None
     args.bids_dir = bids_dir
     if not args.derivatives:
         args.derivatives = [masks]
@@ -252,14 +249,14 @@ def run_group_level(config: Config) -> int:
     output_dir = Path(config.output_dir)
     if not output_dir.is_dir():
         raise VaemapError(f"{output_dir}: OUTPUT_DIR holds no participant outputs (run the "
-                          "participant level first)", EXIT_NOINPUT)
+                          "participant level first)", ExitCode.NOINPUT)
     _ensure_writable_dir(output_dir, "output dir")
     code = run_group(output_dir, bids_dir=config.bids_dir,
                      participant_labels=config.participant_label or None)
     report = output_dir / "group.html"
-    if code == EXIT_OK:
+    if code == ExitCode.OK:
         log.info("group report: %s", report)
-    elif code == EXIT_NO_DATA:
+    elif code == ExitCode.NO_DATA:
         print(f"vaemap: error: no participant to report on (none selected or found); see {report}",
               file=sys.stderr)
     else:
@@ -282,19 +279,19 @@ def run_participant_level(config: Config, status_callback=None, resource_monitor
         try:
             config.validator = validate_dataset(config.bids_dir, config.work_dir)
         except ValidationFailed as exc:
-            raise VaemapError(str(exc), EXIT_VALIDATION) from None
+            raise VaemapError(str(exc), ExitCode.VALIDATION) from None
     plans = plan_all(config)
     for plan in plans:
         for model, decision in plan.models.items():
-            if decision.status == "skipped":
+            if not decision.runs:
                 log.info("%s: %s skipped: %s", plan.series.prefix, model, decision.reason)
 
-    from ..dataset.derivatives import write_dataset_files
+    from ..outputs.sidecars import write_dataset_files
     try:
         write_dataset_files(config.output_dir, config.seed, config.bids_dir)
         toml = config.write_toml(config.toml_path())
     except OSError as exc:
-        raise VaemapError(f"cannot write the output dataset files ({exc})", EXIT_CANTCREAT) from None
+        raise VaemapError(f"cannot write the output dataset files ({exc})", ExitCode.CANTCREAT) from None
     log.info("settings written to %s", toml)
 
     from ..workflows.base import configure_nipype, init_vaemap_wf, run_vaemap_wf
@@ -306,7 +303,7 @@ def run_participant_level(config: Config, status_callback=None, resource_monitor
         run_vaemap_wf(wf, config, status_callback=status_callback)
     except Exception as exc:  # MultiProc raises RuntimeError; Linear re-raises the node's error
         raise VaemapError(_workflow_failure(exc, Path(config.output_dir) / "logs"),
-                          EXIT_FAILURE) from exc
+                          ExitCode.FAILURE) from exc
     finish_participants(config, plans)
     return plans
 
@@ -328,16 +325,15 @@ def finish_participants(config: Config, plans) -> None:
     from ..reports.participant import generate_participant_report
 
     for plan in plans:
-        ents = plan.series.entities
-        log.info("%s: maps in %s, run records in %s", plan.series.prefix,
-                 Path(config.output_dir) / naming.dwi_dir(ents),
-                 Path(config.output_dir) / naming.log_dir(ents))
+        sub_dir = Path(config.output_dir) / naming.subject_dir(plan.series.entities)
+        log.info("%s: maps in %s, run records in %s", plan.series.prefix, sub_dir / "dwi",
+                 sub_dir / "log")
     for subject in sorted({plan.series.entities["subject"] for plan in plans}):
         try:
             generate_participant_report(config.output_dir, subject, bids_dir=config.bids_dir)
         except (OSError, ValueError) as exc:
             raise VaemapError(f"sub-{subject}: the report could not be written ({exc})",
-                              EXIT_CANTCREAT) from None
+                              ExitCode.CANTCREAT) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from .. import naming
 from ..physics import Acquisition, get_model_class
-from .gradients import ImageInfo, load_acquisition, read_image_info, scan_image
+from .gradients import load_acquisition
+from .image import scan_image
 
 log = logging.getLogger("vaemap.dataset")
 
 #: Entities that identify a DWI series and are carried into output names.
-SERIES_ENTITIES = naming.PREFIX_ENTITIES
+SERIES_ENTITIES = naming.SERIES_ENTITIES
 
 
 class ValidationFailed(ValueError):
@@ -27,16 +28,6 @@ class ValidationFailed(ValueError):
 
 class NoMatchingData(LookupError):
     """No participant, session or DWI series matches the request (exit code 18)."""
-
-
-# ---- labels ----------------------------------------------------------------------------------
-
-def clean_label(label: str, prefix: str) -> str:
-    """``sub-01`` or ``01`` -> ``01``; rejects anything that is not a BIDS label (``/``, ``..``)."""
-    label = str(label).strip()
-    if label.startswith(f"{prefix}-"):
-        label = label[len(prefix) + 1:]
-    return naming.check_label(label, f"{prefix} label")
 
 
 # ---- validation ------------------------------------------------------------------------------
@@ -251,8 +242,8 @@ def find_derivative_mask(derivative_dirs, entities: dict) -> str | None:
 
 @dataclass
 class ModelDecision:
-    status: str                 # "ran" (will run) or "skipped"
-    reason: str | None
+    runs: bool                  # the acquisition supports the model: it will be fitted
+    reason: str | None          # why not, when it does not
     n_measurements: int
 
 
@@ -267,10 +258,10 @@ class SeriesPlan:
     n_volumes: int
     mask_file: str | None
     models: dict[str, ModelDecision]
-    n_nonfinite_voxels: int = 0
+    scan_file: str = ""         # the planning pass's mean b0 etc. (see dataset.image.ImageScan)
 
     def models_to_run(self) -> list[str]:
-        return [m for m, d in self.models.items() if d.status == "ran"]
+        return [m for m, d in self.models.items() if d.runs]
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -289,25 +280,28 @@ def decide_models(acq: Acquisition, models, explicit: bool) -> dict[str, ModelDe
         except ValueError as exc:
             if explicit:
                 raise ValueError(f"--models {name} cannot run on this acquisition: {exc}") from None
-            decisions[name] = ModelDecision("skipped", str(exc), 0)
+            decisions[name] = ModelDecision(False, str(exc), 0)
             continue
-        decisions[name] = ModelDecision("ran", None, model.n_measurements)
+        decisions[name] = ModelDecision(True, None, model.n_measurements)
     return decisions
 
 
-def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dirs=()) -> SeriesPlan:
-    """Check one series end to end (headers, gradient table, the whole image stream, the given
-    mask) and decide its models. Raises FileNotFoundError / ValueError naming the file."""
+def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dirs=(),
+                scan_dir=None) -> SeriesPlan:
+    """Check one series end to end (gradient table, header and the whole image stream in one
+    open, the given mask) and decide its models. The planning pass's scan is saved in
+    ``scan_dir`` for the graph, so the image is decoded only once more. Raises
+    FileNotFoundError / ValueError naming the file."""
     for path, what in ((series.bval, "bval"), (series.bvec, "bvec")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: {what} file not found for {series.dwi}")
-    info: ImageInfo = read_image_info(series.dwi)
-    acq = load_acquisition(series.bval, series.bvec, info.n_volumes)
+    acq = load_acquisition(series.bval, series.bvec)
     try:
         decisions = decide_models(acq, models, explicit_models)
     except ValueError as exc:
         raise ValueError(f"{series.dwi}: {exc}") from None
-    scan = scan_image(series.dwi, acq, info)
+    scan = scan_image(series.dwi, acq)
+    info = scan.info
     n_nonfinite = int(scan.nonfinite.sum())
     if n_nonfinite:
         log.warning("%s: %d voxels have NaN/Inf values; they are excluded from the mask",
@@ -320,20 +314,17 @@ def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dir
     elif derivative_dirs:
         log.info("%s: no desc-brain_mask in %s; computing one with median_otsu",
                  series.prefix, ", ".join(str(d) for d in derivative_dirs))
-    if not any(d.status == "ran" for d in decisions.values()):
+    if not any(d.runs for d in decisions.values()):
         log.warning("%s: no model can run on this acquisition (%s)", series.prefix,
                     "; ".join(f"{m}: {d.reason}" for m, d in decisions.items()))
+    scan_file = ""
+    if scan_dir is not None:
+        scan_file = str(Path(scan_dir) / f"{series.prefix}_scan.npz")
+        scan.save(scan_file)
     return SeriesPlan(series, tuple(info.shape), tuple(info.zooms), acq.shell_table(),
-                      acq.n_volumes, mask_file, decisions, n_nonfinite)
+                      acq.n_volumes, mask_file, decisions, scan_file)
 
 
-def bids_version_of(bids_dir) -> str | None:
-    try:
-        return json.loads((Path(bids_dir) / "dataset_description.json").read_text()).get("BIDSVersion")
-    except (OSError, ValueError):
-        return None
-
-
-__all__ = ["ValidationFailed", "NoMatchingData", "clean_label", "validate_dataset",
+__all__ = ["ValidationFailed", "NoMatchingData", "validate_dataset",
            "run_bids_validator", "pybids_validation", "DwiSeries", "collect_dwi_series",
            "find_derivative_mask", "ModelDecision", "SeriesPlan", "decide_models", "plan_series"]

@@ -1,4 +1,5 @@
-"""From a DWI image and a mask to b0-normalised signal rows, and back from rows to maps.
+"""From a DWI image to the brain's b0-normalised signal rows (``PrepareSeries``), and the fit
+quality of estimates against them.
 
 Plain functions on arrays and files; the Nipype interfaces only call them.
 """
@@ -9,50 +10,61 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..physics import Acquisition, normalise_by_b0
-from .gradients import ImageInfo, iter_volumes, read_image_info
+from .image import ImageInfo, open_image
+from .masking import NUMPASS, compute_brain_mask, load_mask, median_radius
 
 
 @dataclass
-class MaskedSignals:
-    """b0-normalised signals of the mask's voxels, one row each (C order of the mask)."""
+class PreparedSeries:
+    """The brain mask and its voxels' signals, one row each (C order of the mask)."""
 
-    signals: np.ndarray        # (N, T) float32; NaN rows where ``valid`` is False
+    info: ImageInfo
+    mask: np.ndarray           # 3-D bool: the brain mask used (given, or median_otsu)
+    mask_source: str
+    signals: np.ndarray        # (N, T) float32 S/S0; NaN rows where ``valid`` is False
+    s0: np.ndarray             # (N,) float32 mean b0 (raw image units)
     valid: np.ndarray          # (N,) bool: finite input and a positive mean b0
-    s0: np.ndarray             # (N,) float32 mean b0
-    n_nonfinite: int           # voxels excluded because a volume had NaN/Inf
-    n_nonpositive_b0: int      # voxels excluded because their mean b0 is <= 0
+    excluded: dict             # {"nonfinite": n, "nonpositive_b0": n} voxels of the mask
+
+    @property
+    def valid_volume(self) -> np.ndarray:
+        """The validity mask on the grid: brain voxels whose rows are fitted."""
+        out = np.zeros(self.mask.shape, dtype=bool)
+        out[self.mask] = self.valid
+        return out
 
 
-def load_masked_signals(path, acq: Acquisition, mask: np.ndarray,
-                        info: ImageInfo | None = None) -> MaskedSignals:
-    """Read the mask's voxels of a 4-D image volume by volume and divide by their mean b0.
+def brain_mask(mean_b0: np.ndarray, info: ImageInfo, given_mask=None) -> tuple[np.ndarray, str]:
+    """The given mask (checked against the grid) or dipy's median_otsu on the mean b0."""
+    if given_mask:
+        return load_mask(given_mask, info.shape, info.affine), f"given: {given_mask}"
+    mask = compute_brain_mask(mean_b0, info.zooms)
+    return mask, (f"dipy median_otsu on the mean b0 (median radius {median_radius(info.zooms)} "
+                  f"voxels, {NUMPASS} passes)")
 
-    Voxels with a non-finite value, or whose mean b0 is not positive, are kept as NaN rows (so
-    row i is always the mask's i-th voxel) and counted; estimators exclude NaN rows."""
-    info = info or read_image_info(path)
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != tuple(info.shape[:3]):
-        raise ValueError(f"{path}: mask shape {mask.shape} does not match image {info.shape[:3]}")
-    raw = np.empty((int(mask.sum()), info.n_volumes), dtype=np.float32)
-    for index, vol in iter_volumes(path, info):
-        raw[:, index] = vol[mask]
+
+def prepare_series(dwi, acq: Acquisition, mean_b0: np.ndarray, given_mask=None) -> PreparedSeries:
+    """Mask the series (given mask, else median_otsu on the planning pass's mean b0) and read
+    the mask's voxels in one pass over the image (one open), divided by their mean b0.
+
+    Voxels with a non-finite value, or whose mean b0 is not positive, stay as NaN rows (row i is
+    always the mask's i-th voxel), are counted, and are left out of every fit."""
+    with open_image(dwi) as (info, volumes):
+        if info.n_volumes != acq.n_volumes:
+            raise ValueError(f"{dwi}: {info.n_volumes} volumes but the gradient table has "
+                             f"{acq.n_volumes}")
+        mask, source = brain_mask(mean_b0, info, given_mask)
+        raw = np.empty((int(mask.sum()), info.n_volumes), dtype=np.float32)
+        for index, vol in volumes:
+            raw[:, index] = vol[mask]
     finite = np.all(np.isfinite(raw), axis=1)
     normalised, s0, valid = normalise_by_b0(raw, acq)
+    del raw
     normalised[~valid] = np.nan
-    return MaskedSignals(normalised, valid, s0, int((~finite).sum()),
-                         int((finite & ~valid).sum()))
-
-
-def rows_to_volume(rows: np.ndarray, mask: np.ndarray, fill=np.nan) -> np.ndarray:
-    """Put per-voxel rows (N,) or (N, k) back on the mask's grid: 3-D or 4-D, ``fill`` outside."""
-    rows = np.asarray(rows)
-    mask = np.asarray(mask, dtype=bool)
-    if rows.shape[0] != int(mask.sum()):
-        raise ValueError(f"{rows.shape[0]} rows for a mask of {int(mask.sum())} voxels")
-    out = np.full(mask.shape + rows.shape[1:], fill, dtype=rows.dtype if rows.dtype.kind == "f"
-                  else np.result_type(rows.dtype, np.asarray(fill).dtype))
-    out[mask] = rows
-    return out
+    excluded = {"nonfinite": int((~finite).sum()), "nonpositive_b0": int((finite & ~valid).sum())}
+    if not valid.any():
+        raise ValueError(f"{dwi}: no brain voxel has finite values and a positive mean b0")
+    return PreparedSeries(info, mask, source, normalised, s0, valid, excluded)
 
 
 def nrmse(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:

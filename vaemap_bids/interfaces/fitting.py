@@ -1,4 +1,4 @@
-"""The Nipype interface of one (model, method) fit: signals file in, estimates file out.
+"""The Nipype interface of one (model, method) fit: the series' signals in, estimates out.
 
 The node exposes ``use_gpu`` so that Nipype's MultiProc (``n_gpu_procs``) never runs two GPU fits
 at once on one GPU. ``use_gpu``, ``num_threads`` and ``progress`` do not enter the node's hash:
@@ -13,19 +13,16 @@ import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
                                     traits)
 
+from ..atomic import to_jsonable
 from ..dataset.signals import fit_quality
+from ..fitting.base import METHODS
 from ..physics import Acquisition, make_model
 
 
-def load_signals(path) -> tuple[np.ndarray, Acquisition]:
-    with np.load(path) as data:
-        return data["signals"], Acquisition(data["bvals"], data["bvecs"])
-
-
 class _FitInputSpec(BaseInterfaceInputSpec):
-    signals_file = File(exists=True, mandatory=True, desc="npz written by LoadSignals")
+    signals_file = File(exists=True, mandatory=True, desc="npz written by PrepareSeries")
     model = traits.Str(mandatory=True, desc="signal model name (msdki, ballstick, ...)")
-    method = traits.Enum("lsq", "ssl", "vaeunig", "vaegmm", mandatory=True)
+    method = traits.Enum(*METHODS, mandatory=True)
     options = traits.Str("{}", usedefault=True, desc="resolved hyper-parameters, sorted JSON")
     device = traits.Str("cpu", usedefault=True, desc="torch device (resolved: cpu, cuda, cuda:N)")
     seed = traits.Int(0, usedefault=True)
@@ -42,7 +39,7 @@ class _FitOutputSpec(TraitedSpec):
 
 
 class FitModel(SimpleInterface):
-    """``vaemap_bids.fitting.fit`` on the signals of one series."""
+    """``vaemap_bids.fitting.fit`` on the signals of one series, and the fit's quality."""
 
     input_spec = _FitInputSpec
     output_spec = _FitOutputSpec
@@ -53,7 +50,9 @@ class FitModel(SimpleInterface):
         from ..fitting import fit
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
-        signals, acq = load_signals(self.inputs.signals_file)
+        with np.load(self.inputs.signals_file) as data:
+            signals = data["signals"]
+            acq = Acquisition(data["bvals"], data["bvecs"])
         model = make_model(self.inputs.model, acq)
         result = fit(model, signals, self.inputs.method, device=self.inputs.device,
                      seed=self.inputs.seed, options=json.loads(self.inputs.options),
@@ -78,6 +77,7 @@ class FitModel(SimpleInterface):
             "seed": result.seed,
             "n_voxels": int(fitted.sum()),
             "n_excluded": int((~result.valid).sum()),
+            "n_failed": int((result.valid & ~fitted).sum()),
             "n_invalid": int(quality["invalid"].sum()),
             "n_at_bound": int(quality["at_bound"].sum()),
             "nrmse_median": float(np.median(nrmse_fitted)) if nrmse_fitted.size else None,
@@ -86,15 +86,7 @@ class FitModel(SimpleInterface):
         }
         record_file = os.path.join(runtime.cwd, "fit_record.json")
         with open(record_file, "w") as fobj:
-            json.dump(record, fobj, default=_plain)
+            json.dump(record, fobj, default=to_jsonable)
         self._results["fit_file"] = fit_file
         self._results["record_file"] = record_file
         return runtime
-
-
-def _plain(obj):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return str(obj)

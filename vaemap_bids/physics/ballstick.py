@@ -29,8 +29,8 @@ class BallStick(SignalModel):
         ParameterSpec("dpar", 0.0, 3.5, "um^2/ms", "Parallel diffusivity of the stick"),
         ParameterSpec("diso", 0.0, 3.5, "um^2/ms", "Diffusivity of the isotropic ball"),
         ParameterSpec("dir", -1.0, 1.0, "arbitrary",
-                      "Unit direction of the stick (x, y, z in the image's voxel-axis frame of the "
-                      "bvec file; n and -n are the same fibre)", size=3),
+                      "Unit direction of the stick, in the frame of the gradient directions "
+                      "(n and -n are the same fibre)", size=3),
     )
 
     @classmethod

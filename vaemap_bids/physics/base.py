@@ -83,9 +83,10 @@ class SignalModel(ABC):
         """Unconstrained outputs a network or solver produces (same layout as the parameters)."""
         return self.n_params
 
-    def param_slices(self) -> dict[str, slice]:
+    @classmethod
+    def param_slices(cls) -> dict[str, slice]:
         out, start = {}, 0
-        for p in self.parameters:
+        for p in cls.parameters:
             out[p.label] = slice(start, start + p.size)
             start += p.size
         return out
@@ -124,11 +125,12 @@ class SignalModel(ABC):
                 raw[:, sl] = np.log(frac) - np.log1p(-frac)
         return raw
 
-    def split(self, params: np.ndarray) -> dict[str, np.ndarray]:
+    @classmethod
+    def split(cls, params: np.ndarray) -> dict[str, np.ndarray]:
         """Parameter array (N, n_params) -> {label: (N,) or (N, 3)}."""
         params = np.asarray(params)
         out = {}
-        for p, sl in zip(self.parameters, self.param_slices().values()):
+        for p, sl in zip(cls.parameters, cls.param_slices().values()):
             out[p.label] = params[:, sl] if p.is_direction else params[:, sl.start]
         return out
 
@@ -157,16 +159,18 @@ class SignalModel(ABC):
             hit |= (v <= p.lo + tol) | (v >= p.hi - tol)
         return hit
 
-    def describe(self) -> dict:
-        """BEP016-style description of the model and its parameters, for sidecars and reports."""
+    @classmethod
+    def describe(cls) -> dict:
+        """BEP016-style description of the model and its parameters, for sidecars and reports
+        (a class method: no acquisition is needed)."""
         return {
-            "Name": self.name,
-            "LongName": self.long_name,
-            "Description": self.description,
-            "URL": self.url,
-            "Citation": self.citation,
+            "Name": cls.name,
+            "LongName": cls.long_name,
+            "Description": cls.description,
+            "URL": cls.url,
+            "Citation": cls.citation,
             "Parameters": {p.label: {"Description": p.description, "Units": p.units,
-                                     "Bounds": [p.lo, p.hi]} for p in self.parameters},
+                                     "Bounds": [p.lo, p.hi]} for p in cls.parameters},
         }
 
 

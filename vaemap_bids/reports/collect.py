@@ -1,8 +1,10 @@
-"""Find and read what the participant workflow wrote, by the names in :mod:`vaemap_bids.naming`.
+"""Find and read what the participant workflow wrote, by the derivatives table
+(:mod:`vaemap_bids.outputs.table`).
 
 One :class:`Series` is one input DWI series (one ``<prefix>_summary.json``). Images are returned in
 the closest canonical (RAS+) orientation, so that every figure is drawn the same way whatever the
-input's orientation.
+input's orientation; maps are NaN where the validity mask says no estimate exists (they are 0
+there on disk), so that every statistic skips those voxels.
 """
 from __future__ import annotations
 
@@ -16,26 +18,18 @@ import nibabel as nib
 import numpy as np
 
 from .. import naming
+from ..fitting.base import ESTIMATORS, METHODS
+from ..outputs.table import fit_outputs, output, series_outputs
 from ..physics import get_model_class
 
-VAE_METHODS = ("vaeunig", "vaegmm")
-METHOD_ORDER = ("lsq", "ssl", "vaeunig", "vaegmm")
+#: Methods with a latent space (their fit gives latent means).
+VAE_METHODS = tuple(name for name, e in ESTIMATORS.items() if "latent" in e.outputs)
 _SUB_DIR = re.compile(r"^sub-([A-Za-z0-9]+)$")
 
 
-def clean_label(label: str, what: str = "participant") -> str:
-    """A participant/session label with or without its ``sub-``/``ses-`` prefix -> the bare label
-    (ValueError when it is not letters and digits)."""
-    label = str(label)
-    for pre in ("sub-", "ses-"):
-        if label.startswith(pre):
-            label = label[len(pre):]
-    return naming.check_label(label, f"{what} label")
-
-
 def sort_methods(methods) -> list[str]:
-    """Methods in the paper's order (lsq, ssl, vaeunig, vaegmm), unknown ones last."""
-    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    """Methods in the registry's order (lsq, ssl, vaeunig, vaegmm, ...), unknown ones last."""
+    rank = {m: i for i, m in enumerate(METHODS)}
     return sorted(methods, key=lambda m: (rank.get(m, len(rank)), m))
 
 
@@ -85,11 +79,10 @@ class Series:
         return None if val in (None, "") else val
 
     # ---- paths -------------------------------------------------------------------------------
-    def dwi_path(self, name: str) -> Path:
-        return self.output_dir / naming.dwi_dir(self.entities) / name
-
-    def log_path(self, name: str) -> Path:
-        return self.output_dir / naming.log_dir(self.entities) / name
+    def path(self, kind: str, model: str | None = None, method: str | None = None,
+             param: str | None = None) -> Path:
+        return self.output_dir / output(kind, self.entities, model=model, method=method,
+                                        param=param).path
 
     # ---- what ran ----------------------------------------------------------------------------
     @property
@@ -104,7 +97,7 @@ class Series:
     def fit_record(self, model: str, method: str) -> dict | None:
         key = ("fit", model, method)
         if key not in self._cache:
-            path = self.log_path(naming.fit_record_name(self.entities, model, method))
+            path = self.path("fit_record", model, method)
             self._cache[key] = read_json(path) if path.is_file() else None
         return self._cache[key]
 
@@ -122,31 +115,44 @@ class Series:
         return t.get("fit_seconds"), t.get("voxels_per_second")
 
     # ---- images ------------------------------------------------------------------------------
-    def _image(self, name: str) -> np.ndarray | None:
-        key = ("img", name)
+    def _image(self, kind: str, model=None, method=None, param=None) -> np.ndarray | None:
+        key = ("img", kind, model, method, param)
         if key not in self._cache:
-            path = self.dwi_path(name)
+            path = self.path(kind, model, method, param)
             self._cache[key] = load_canonical(path) if path.is_file() else None
         return self._cache[key]
 
     def mask(self) -> np.ndarray | None:
-        data = self._image(naming.mask_name(self.entities))
+        data = self._image("mask")
         return None if data is None else data > 0
 
+    def valid(self) -> np.ndarray | None:
+        """Voxels with an estimate (the validity mask; the brain mask when it is missing)."""
+        data = self._image("valid_mask")
+        return self.mask() if data is None else data > 0
+
+    def _estimate(self, kind: str, model, method, param=None):
+        data = self._image(kind, model, method, param)
+        valid = self.valid()
+        if data is None or valid is None:
+            return data
+        inside = valid if data.ndim == 3 else valid[..., None]
+        return np.where(inside, data, np.float32(np.nan))
+
     def map(self, model: str, method: str, param: str, stat: str | None = None):
-        return self._image(naming.map_name(self.entities, model, method, param, stat))
+        return self._estimate("std" if stat == "std" else "param", model, method, param)
 
     def nrmse(self, model: str, method: str):
-        return self._image(naming.nrmse_name(self.entities, model, method))
+        return self._estimate("nrmse", model, method)
 
     def dseg(self, model: str, method: str = "vaegmm"):
-        return self._image(naming.dseg_name(self.entities, model, method))
+        return self._image("dseg", model, method)
 
     def probseg(self, model: str, method: str = "vaegmm"):
-        return self._image(naming.probseg_name(self.entities, model, method))
+        return self._image("probseg", model, method)
 
     def latent(self, model: str, method: str) -> dict | None:
-        path = self.log_path(naming.latent_name(self.entities, model, method))
+        path = self.path("latent", model, method)
         if not path.is_file():
             return None
         with np.load(path) as npz:
@@ -163,8 +169,7 @@ class Series:
         for key in ("models", "acquisition", "mask"):
             if key not in self.summary:
                 out.append(f"{self.summary_path.name} has no '{key}' entry")
-        if not self.dwi_path(naming.mask_name(self.entities)).is_file():
-            out.append(f"missing {naming.mask_name(self.entities)}")
+        expected = [o for o in series_outputs(self.entities) if o.kind != "summary"]
         for model, info in self.models.items():
             status = info.get("status")
             if status == "skipped":
@@ -174,22 +179,20 @@ class Series:
                            + (f" ({info['reason']})" if info.get("reason") else ""))
                 continue
             for method in sort_methods(info.get("methods") or []):
-                if self.fit_record(model, method) is None:
-                    out.append(f"missing {naming.fit_record_name(self.entities, model, method)}")
-                names = [naming.map_name(self.entities, model, method, p.label)
-                         for p in self.param_specs(model)]
-                names.append(naming.nrmse_name(self.entities, model, method))
-                if method == "vaegmm":
-                    names += [naming.dseg_name(self.entities, model, method),
-                              naming.probseg_name(self.entities, model, method)]
-                out += [f"missing {n}" for n in names if not self.dwi_path(n).is_file()]
+                try:
+                    expected += fit_outputs(self.entities, model, method)
+                except ValueError as exc:  # a model or method this version does not know
+                    out.append(f"model {model}, method {method}: {exc}")
+        for o in expected:
+            if o.required and not (self.output_dir / o.path).is_file():
+                out.append(f"missing {o.name}")
         return out
 
 
 def find_series(output_dir, subject: str) -> list[Series]:
     """Every series of ``subject`` with a summary record in ``output_dir``, sorted by prefix."""
     output_dir = Path(output_dir)
-    subject = clean_label(subject)
+    subject = naming.clean_label(subject, "sub")
     sub_dir = output_dir / f"sub-{subject}"
     paths = sorted(set(sub_dir.glob("log/*_summary.json")) | set(sub_dir.glob("ses-*/log/*_summary.json")))
     series = []
@@ -221,11 +224,8 @@ def subjects_in_bids(bids_dir) -> list[str]:
 
 def expected_prefixes(bids_dir, subject: str) -> list[str]:
     """Output prefixes of the DWI series of ``subject`` in a BIDS dataset."""
-    sub_dir = Path(bids_dir) / f"sub-{clean_label(subject)}"
+    sub_dir = Path(bids_dir) / f"sub-{naming.clean_label(subject, 'sub')}"
     prefixes = set()
     for path in list(sub_dir.glob("dwi/*_dwi.nii*")) + list(sub_dir.glob("ses-*/dwi/*_dwi.nii*")):
-        ent = naming.parse(path.name)
-        prefixes.add(naming.prefix({"subject": ent.get("sub"), "session": ent.get("ses"),
-                                    "acquisition": ent.get("acq"), "run": ent.get("run"),
-                                    "space": ent.get("space")}))
+        prefixes.add(naming.prefix(naming.parse_series_entities(path.name)))
     return sorted(prefixes)

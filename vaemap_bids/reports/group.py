@@ -36,9 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
+from .. import __version__, naming
+from ..config import ExitCode
+from ..fitting.base import METHODS
 from . import figures as F
-from .collect import (METHOD_ORDER, Series, clean_label, expected_prefixes, find_series, sort_methods,
+from .collect import (Series, expected_prefixes, find_series, sort_methods,
                       subjects_in_bids, subjects_in_output)
 from .metrics import OUTLIER_Z, finite, median_iqr, per_label_median_iqr, robust_z
 from ..atomic import write_text_atomic as write_text
@@ -46,9 +48,6 @@ from .render import render
 
 log = logging.getLogger("vaemap.reports")
 
-EXIT_OK = 0
-EXIT_NO_SUBJECTS = 18
-EXIT_INCOMPLETE = 66
 NA = "n/a"
 
 
@@ -214,9 +213,9 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         log.error("group level: output directory %s does not exist", output_dir)
-        return EXIT_INCOMPLETE
+        return ExitCode.NOINPUT
     if participant_labels:
-        expected = sorted({clean_label(x) for x in participant_labels})
+        expected = sorted({naming.clean_label(x, 'sub') for x in participant_labels})
     elif bids_dir is not None:  # subjects without a DWI series have nothing to map
         expected = [sub for sub in subjects_in_bids(bids_dir) if expected_prefixes(bids_dir, sub)]
     else:
@@ -247,7 +246,7 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
         else:
             complete.append(subject)
     for model, rows in sorted(rows_by_model.items()):
-        rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+        rank = {m: i for i, m in enumerate(METHODS)}
         prank = {p.label: i for i, p in enumerate(Series.param_specs(model))}
         rows.sort(key=lambda r: (r["subject"], r["session"] or "", str(r.get("acquisition") or ""),
                                  str(r.get("run") or ""), rank.get(r["method"], len(rank)),
@@ -260,11 +259,11 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
                   for model, rows in sorted(rows_by_model.items())]
     reports = {s: f"sub-{s}.html" for s in expected if (output_dir / f"sub-{s}.html").is_file()}
     if not expected:
-        code = EXIT_NO_SUBJECTS
+        code = ExitCode.NO_DATA
     elif problems:
-        code = EXIT_INCOMPLETE
+        code = ExitCode.NOINPUT
     else:
-        code = EXIT_OK
+        code = ExitCode.OK
     ctx = {"title": "vaemap group report", "expected": expected, "complete": complete,
            "problems": sorted(problems.items()), "models": blocks, "reports": reports,
            "outlier_z": OUTLIER_Z, "exit_code": code,

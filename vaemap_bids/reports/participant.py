@@ -15,7 +15,8 @@ import numpy as np
 from .. import __version__
 from ..fitting.base import NETWORK_METHODS
 from . import figures as F
-from .collect import VAE_METHODS, Series, clean_label, find_series, sort_methods
+from .. import naming
+from .collect import VAE_METHODS, Series, find_series, sort_methods
 from .metrics import (agreement, angular_difference_deg, at_bound, finite, median_iqr,
                       msdki_b_max, msdki_outside_validity, per_label_median_iqr)
 from ..atomic import write_text_atomic as write_text
@@ -429,7 +430,7 @@ def generate_participant_report(output_dir, subject_label, *, bids_dir=None) -> 
     Raises ValueError when the label is invalid or the subject has no outputs in ``output_dir``.
     """
     output_dir = Path(output_dir)
-    subject = clean_label(subject_label)
+    subject = naming.clean_label(subject_label, 'sub')
     series = find_series(output_dir, subject)
     if not series:
         raise ValueError(f"no outputs of participant {subject!r} in {output_dir} "

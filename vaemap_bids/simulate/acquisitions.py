@@ -15,9 +15,3 @@ def hcp_acquisition() -> Acquisition:
     bvals = np.loadtxt(str(_HCP / "bvals_hcp_wu_minn.txt"))
     bvecs = np.loadtxt(str(_HCP / "bvecs_hcp_wu_minn.txt"))
     return Acquisition.from_smm2(bvals, bvecs)
-
-
-def hcp_pulse_timing() -> tuple[float, float]:
-    """HCP (delta, Delta) in seconds."""
-    vals = np.loadtxt(str(_HCP / "delta_Delta_hcp_wu_minn.txt"), comments="#")
-    return float(vals[0]), float(vals[1])

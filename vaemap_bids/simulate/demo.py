@@ -1,15 +1,16 @@
-"""``vaemap-demo``: build the demo dataset and run the participant pipeline on it.
+"""The demo dataset of ``vaemap-demo`` (:mod:`vaemap_bids.cli.demo`) and its comparison with
+the truth.
 
 The demo dataset (``DEMO/bids``) holds two subjects:
 
 - ``sub-phantom``: the synthetic brain of :mod:`vaemap_bids.simulate.phantom`, simulated with
   ball-stick on a two-shell table (6 b0 interleaved among 20 directions at b = 1000 and 2000
   s/mm^2), so that both MS-DKI and ball-stick run; its ground truth is in ``DEMO/truth``;
-- ``sub-small101d``: dipy's bundled real crop ``small_101D`` (:mod:`vaemap_bids.dataset.dipy_small`),
+- ``sub-small101d``: dipy's bundled real crop ``small_101D`` (:mod:`vaemap_bids.simulate.dipy_small`),
   with its whole-crop brain mask given as a derivative (``DEMO/masks``, ``--derivatives``): the
   crop lies inside the brain, where median_otsu's brain-versus-air threshold does not apply.
 
-It then runs ``vaemap DEMO/bids DEMO/out participant`` with every model and method, a work dir
+The command runs ``vaemap DEMO/bids DEMO/out participant`` with every model and method, a work dir
 ``DEMO/work`` and a hyper-parameter file ``DEMO/demo_hyperparameters.yaml`` that REDUCES the
 training epochs so that the demo finishes in minutes on a laptop CPU (the maps are therefore
 rougher than a full run's). At the end it prints where the maps and reports are and, for the
@@ -17,14 +18,15 @@ phantom, the median error of every map against the truth.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from .. import naming
+from ..fitting.base import METHODS
+from ..outputs.table import output
 
 #: Epoch budget of the demo (full runs use vaemap_bids/data/hyperparameters.yaml).
 DEMO_HYPERPARAMETERS = {
@@ -40,13 +42,13 @@ DEMO_SUBJECTS = ("phantom", "small101d")
 PHANTOM_SHAPE = (28, 34, 24)
 PHANTOM_SNR = 30.0
 PHANTOM_MODEL = "ballstick"
-_MARKER = ".vaemap-demo.json"
+MARKER = ".vaemap-demo.json"
 MODELS = ("msdki", "ballstick")
 
 
 def build_demo_dataset(demo_dir, subjects=DEMO_SUBJECTS, *, seed: int = 0) -> dict:
     """Write ``demo_dir/bids`` (and ``demo_dir/truth`` for the phantom); returns their paths."""
-    from ..dataset.dipy_small import convert_small_101d
+    from .dipy_small import convert_small_101d
     from .phantom import write_phantom_dataset
 
     demo_dir = Path(demo_dir)
@@ -93,8 +95,6 @@ def compare_with_truth(out_dir, phantom: dict) -> list[dict]:
     fraction is at least 0.4, since a direction means little where there is hardly a stick.
     MS-DKI is compared with the small-b cumulant limit of the ball-stick signal, a reference,
     not the exact truth (MS-DKI fitted at b = 1000/2000 differs from it by design)."""
-    from .. import naming
-
     rows = []
     out_dir = Path(out_dir)
     for series in phantom["series"]:
@@ -105,9 +105,9 @@ def compare_with_truth(out_dir, phantom: dict) -> list[dict]:
         stick = _load(series["truth"]["stickfrac"]) if "stickfrac" in series["truth"] else None
         for (model, param), truth_path in truth.items():
             ref = _load(truth_path)
-            for method in ("lsq", "ssl", "vaeunig", "vaegmm"):
-                est_path = out_dir / naming.dwi_dir(entities) / naming.map_name(
-                    entities, model, method, param)
+            for method in METHODS:
+                est_path = out_dir / output("param", entities, model=model, method=method,
+                                            param=param).path
                 if not est_path.exists():
                     continue
                 est = _load(est_path)
@@ -131,16 +131,16 @@ def compare_with_truth(out_dir, phantom: dict) -> list[dict]:
     return rows
 
 
-def _format_rows(rows: list[dict]) -> str:
-    lines = [f"  {'model':<10}{'param':<10}" + "".join(f"{m:>10}" for m in
-                                                       ("lsq", "ssl", "vaeunig", "vaegmm"))
+def format_rows(rows: list[dict]) -> str:
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines = [f"  {'model':<10}{'param':<10}" + "".join(f"{m:>10}" for m in methods)
              + "   (median |estimate - truth|)"]
     keys = sorted({(r["model"], r["param"]) for r in rows}, key=lambda k: (k[0] != "ballstick", k))
     for model, param in keys:
         vals = {r["method"]: r for r in rows if r["model"] == model and r["param"] == param}
         any_row = next(iter(vals.values()))
         cells = "".join(f"{vals[m]['median_abs_error']:>10.3f}" if m in vals else f"{'-':>10}"
-                        for m in ("lsq", "ssl", "vaeunig", "vaegmm"))
+                        for m in methods)
         note = any_row["unit"]
         if any_row["median_truth"] is not None:
             note += f" (truth median {any_row['median_truth']:.2f})"
@@ -150,8 +150,8 @@ def _format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _prepare_folder(demo_dir: Path, keep: bool) -> None:
-    marker = demo_dir / _MARKER
+def prepare_folder(demo_dir: Path, keep: bool) -> None:
+    marker = demo_dir / MARKER
     if demo_dir.exists() and any(demo_dir.iterdir()) and not marker.exists():
         raise ValueError(f"{demo_dir} exists and is not a vaemap demo folder; choose another "
                          "--out-dir or empty it")
@@ -161,108 +161,18 @@ def _prepare_folder(demo_dir: Path, keep: bool) -> None:
     demo_dir.mkdir(parents=True, exist_ok=True)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vaemap-demo",
-        description=("Build the vaemap demo dataset (a synthetic brain phantom with known truth "
-                     "and dipy's real small_101D crop) and run the participant pipeline on it "
-                     "with every model and method, with a REDUCED epoch budget."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out-dir", type=Path, default=Path("demo"),
-                        help="demo folder: bids/, truth/, out/ (the derivatives), work/")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="torch device of the fits")
-    parser.add_argument("--nprocs", type=int, default=None,
-                        help="processes Nipype runs at once (default: all CPUs)")
-    parser.add_argument("--keep", action="store_true",
-                        help="reuse the demo data and work dir of an earlier run (resume) "
-                             "instead of rebuilding from scratch")
-    parser.add_argument("--subjects", nargs="+", choices=DEMO_SUBJECTS, default=list(DEMO_SUBJECTS),
-                        help="which demo subjects to build and process")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the phantom and the fits")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    demo_dir = args.out_dir.absolute()
-    start = time.perf_counter()
-    try:
-        _prepare_folder(demo_dir, args.keep)
-    except ValueError as exc:
-        print(f"vaemap-demo: {exc}", file=sys.stderr)
-        return 73
-    from ..atomic import write_json_atomic
-
-    bids, truth, out, work = (demo_dir / s for s in ("bids", "truth", "out", "work"))
-    have = all((bids / f"sub-{s}").is_dir() for s in args.subjects)
-    have_extras = (("phantom" not in args.subjects or (truth / "truth.json").exists())
-                   and ("small101d" not in args.subjects or (demo_dir / "masks").is_dir()))
-    if args.keep and have and have_extras:
-        print(f"Reusing the demo dataset in {bids}")
-        built = None
-    else:
-        print(f"Building the demo dataset in {bids} (ground truth in {truth}) ...")
-        built = build_demo_dataset(demo_dir, args.subjects, seed=args.seed)
-    write_json_atomic(demo_dir / _MARKER, {"subjects": args.subjects, "seed": args.seed})
-    config = write_demo_config(demo_dir / "demo_hyperparameters.yaml")
-    budget = ", ".join(f"{m} {o['epochs']}" for m, o in DEMO_HYPERPARAMETERS.items())
-    print(f"Epochs are REDUCED for the demo (at most: {budget}; see {config}); full runs use "
-          "the packaged defaults, so their maps are smoother.")
-
-    cmd = [str(bids), str(out), "participant", "--participant-label", *args.subjects,
-           "--models", *MODELS, "--methods", "lsq", "ssl", "vaeunig", "vaegmm",
-           "-w", str(work), "--config", str(config), "--device", args.device,
-           "--seed", str(args.seed)]
-    if "small101d" in args.subjects:
-        cmd += ["--derivatives", str(demo_dir / "masks")]
-    if args.nprocs:
-        cmd += ["--nprocs", str(args.nprocs)]
-    print("Running: vaemap " + " ".join(cmd), flush=True)
-    from ..cli.run import main as vaemap_main
-
-    try:
-        code = vaemap_main(cmd)
-    except SystemExit as exc:  # a main() that exits rather than returns
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    code = int(code or 0)
-    elapsed = time.perf_counter() - start
-    if code != 0:
-        print(f"vaemap-demo: the participant run failed with exit code {code} "
-              f"(logs: {out / 'logs'})", file=sys.stderr)
-        return code
-
-    print(f"\nDone in {elapsed / 60:.1f} min. Derivatives: {out}")
-    for subject in args.subjects:
-        maps = sorted((out / f"sub-{subject}").rglob("*_dwimap.nii.gz"))
-        report = out / f"sub-{subject}.html"
-        print(f"  sub-{subject}: {len(maps)} maps in {out / f'sub-{subject}' / 'dwi'}")
-        print(f"  sub-{subject}: report {report}" + ("" if report.exists() else " (not written)"))
-    if "phantom" in args.subjects:
-        phantom = built["phantom"] if built else _phantom_record(bids, truth)
-        rows = compare_with_truth(out, phantom)
-        if rows:
-            print("\nsub-phantom against its ground truth (demo epochs; brain voxels):")
-            print(_format_rows(rows))
-    return 0
-
-
-def _phantom_record(bids: Path, truth: Path) -> dict:
+def phantom_record(bids: Path, truth: Path) -> dict:
     """The series of an existing demo phantom, from its truth.json."""
     record = json.loads((truth / "truth.json").read_text())
-    from .. import naming
-
     series = []
     for s in record["series"]:
-        folder = truth / naming.dwi_dir(s["entities"])
+        folder = truth / naming.subject_dir(s["entities"]) / "dwi"
         entry = {"entities": s["entities"], "mask": folder / s["mask"],
                  "truth": {p: folder / name for p, name in s["truth"].items()}}
         if record["model"] == "ballstick":
-            entry["cumulant"] = {p: folder / naming.map_name(s["entities"], "msdki", "cumulant", p)
+            entry["cumulant"] = {p: folder / output("param", s["entities"], model="msdki",
+                                                    method="cumulant", param=p).name
                                  for p in ("msd", "msk")}
         series.append(entry)
     return {"series": series}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

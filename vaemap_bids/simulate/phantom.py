@@ -26,7 +26,7 @@ Signal: ``S = S0 * phi(b, g; truth)`` with a tissue-dependent S0 (WM 1, GM 1.15,
 b0 SNR of nominal white matter. Stored as int16 (rounded, clipped to [0, 32767]) or float32.
 
 The truth lives in ``truth_dir``, outside the BIDS folder: parameter maps named like vaemap's
-derivatives with method label ``truth`` (:func:`vaemap_bids.naming.map_name`), the brain mask,
+derivatives with method label ``truth`` (the derivatives table's names), the brain mask,
 tissue labels (``dseg``: 0 background, 1 GM, 2 WM, 3 CSF, as fMRIPrep numbers them) and
 probabilities, the noiseless S0 map, and ``truth.json`` describing all of it. For a ball-stick
 phantom the small-b cumulant limit of its direction-averaged signal is also written as MS-DKI
@@ -47,6 +47,7 @@ from scipy import ndimage
 
 from .. import naming
 from ..atomic import write_json_atomic, write_nifti_atomic, write_text_atomic
+from ..outputs.table import output
 from ..physics.acquisition import Acquisition
 from ..physics.base import get_model_class, make_model
 from .acquisitions import hcp_acquisition
@@ -516,7 +517,8 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
             # Noise on S/s0 (nominal WM b0 = 1) with sigma = 1/snr, scaled back to s0.
             noisy = add_rician_noise(clean / float(s0), snr, np.random.default_rng(s_seed)) * float(s0)
             data = _to_dtype(noisy, dtype)
-            dwi = bids_dir / naming.dwi_dir(entities) / f"{naming.prefix(entities)}_dwi.nii.gz"
+            dwi = (bids_dir / naming.subject_dir(entities) / "dwi"
+                   / f"{naming.prefix(entities)}_dwi.nii.gz")
             sidecar = {**SEQUENCE,
                        "SeriesDescription": f"vaemap phantom ({model}, SNR {snr:g})",
                        "ScanningSequence": "EP", "SequenceVariant": "SK", "MRAcquisitionType": "2D"}
@@ -542,8 +544,11 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
 
 def _write_truth(truth_dir: Path, entities: dict, model: str, forward_model, maps: dict,
                  anatomy: Anatomy, s0_map: np.ndarray) -> dict:
-    folder = truth_dir / naming.dwi_dir(entities)
+    folder = truth_dir / naming.subject_dir(entities) / "dwi"
     pre = naming.prefix(entities)
+
+    def truth_name(model_name, method, param):
+        return output("param", entities, model=model_name, method=method, param=param).name
 
     def nifti(data, name, dtype=np.float32):
         img = nib.Nifti1Image(np.asarray(data).astype(dtype), anatomy.affine)
@@ -555,14 +560,14 @@ def _write_truth(truth_dir: Path, entities: dict, model: str, forward_model, map
     out = {"truth": {}}
     for spec in forward_model.parameters:
         out["truth"][spec.label] = nifti(maps[spec.label],
-                                         naming.map_name(entities, model, "truth", spec.label))
+                                         truth_name(model, "truth", spec.label))
     if model == "ballstick":
         d, k = ballstick_cumulants(maps["stickfrac"], maps["dpar"], maps["diso"])
-        out["cumulant"] = {"msd": nifti(np.where(anatomy.mask, d, 0), naming.map_name(
-                               entities, "msdki", "cumulant", "msd")),
-                           "msk": nifti(np.where(anatomy.mask, k, 0), naming.map_name(
-                               entities, "msdki", "cumulant", "msk"))}
-    out["mask"] = nifti(anatomy.mask, naming.mask_name(entities), np.uint8)
+        out["cumulant"] = {"msd": nifti(np.where(anatomy.mask, d, 0),
+                                        truth_name("msdki", "cumulant", "msd")),
+                           "msk": nifti(np.where(anatomy.mask, k, 0),
+                                        truth_name("msdki", "cumulant", "msk"))}
+    out["mask"] = nifti(anatomy.mask, output("mask", entities).name, np.uint8)
     out["dseg"] = nifti(anatomy.labels, f"{pre}_desc-tissue_dseg.nii.gz", np.uint8)
     out["probseg"] = {t: nifti(anatomy.probs[i] * anatomy.mask, f"{pre}_label-{t}_probseg.nii.gz")
                       for i, t in enumerate(("GM", "WM", "CSF"))}

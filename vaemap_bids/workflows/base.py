@@ -8,16 +8,16 @@ from nipype.pipeline import engine as pe
 
 from ..config import Config
 from ..dataset.bids import SeriesPlan
-from .participant import init_single_subject_wf
+from .series import init_series_wf
 
 log = logging.getLogger("vaemap.workflow")
 
 
 def init_vaemap_wf(config: Config, plans: list[SeriesPlan]) -> pe.Workflow:
-    """``vaemap_wf`` with one :func:`init_single_subject_wf` per series, based in the work dir."""
+    """``vaemap_wf`` with one :func:`init_series_wf` per series, based in the work dir."""
     wf = pe.Workflow(name="vaemap_wf", base_dir=str(Path(config.work_dir).resolve()))
     for plan in plans:
-        wf.add_nodes([init_single_subject_wf(plan, config)])
+        wf.add_nodes([init_series_wf(plan, config)])
     return wf
 
 

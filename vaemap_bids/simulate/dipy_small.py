@@ -29,7 +29,8 @@ import numpy as np
 
 from .. import naming
 from ..atomic import write_json_atomic, write_nifti_atomic, write_text_atomic
-from ..simulate.phantom import update_participants, write_dataset_description
+from ..outputs.table import output
+from .phantom import update_participants, write_dataset_description
 
 log = logging.getLogger("vaemap.dataset")
 
@@ -78,7 +79,7 @@ def convert_small_101d(bids_dir, subject: str = "small101d", *, mask_dir=None) -
     out_img.set_sform(*img.get_sform(coded=True))
 
     entities = {"subject": subject}
-    stem = bids_dir / naming.dwi_dir(entities) / f"{naming.prefix(entities)}_dwi"
+    stem = bids_dir / naming.subject_dir(entities) / "dwi" / f"{naming.prefix(entities)}_dwi"
     bids_dir.mkdir(parents=True, exist_ok=True)
     desc = write_dataset_description(bids_dir, "vaemap demo data")
     if not (bids_dir / "README").exists():
@@ -124,13 +125,13 @@ def _write_mask_derivative(mask_dir: Path, entities: dict, mask: np.ndarray, aff
             "Name": "Brain masks for dipy small_101D", "BIDSVersion": "1.10.0",
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "vaemap", "Description":
-                             "vaemap_bids.dataset.dipy_small: every voxel of the crop with "
+                             "vaemap_bids.simulate.dipy_small: every voxel of the crop with "
                              "finite data and a positive b0 (the crop lies inside the brain)"}]})
     img = nib.Nifti1Image(mask.astype(np.uint8), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path = write_nifti_atomic(mask_dir / naming.dwi_dir(entities) / naming.mask_name(entities), img)
+    path = write_nifti_atomic(mask_dir / output("mask", entities).path, img)
     write_json_atomic(naming.sidecar(str(path)), {
         "Type": "Brain", "Sources": [f"bids::{source}"],
         "Description": "whole crop: small_101D lies inside the brain, so median_otsu "

@@ -39,10 +39,11 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__, naming
-from ..simulate.acquisitions import hcp_pulse_timing
-from .gradients import load_acquisition, read_bval, read_bvec, read_image_info
-from .hcp_errors import (HCPDataError, HCPInputError, HCPSubjectNotFoundError, output_error)
-from .hcp_fetch import HCP_BUCKET, HCP_RELEASE, diffusion_dir, ensure_writable_dir, \
+from ..dataset.gradients import load_acquisition, read_bval, read_bvec
+from ..dataset.image import read_image_info
+from ..outputs.table import output
+from .errors import (HCPDataError, HCPInputError, HCPSubjectNotFoundError, output_error)
+from .fetch import HCP_BUCKET, HCP_RELEASE, diffusion_dir, ensure_writable_dir, \
     write_text_atomic
 
 log = logging.getLogger("vaemap.hcp")
@@ -61,11 +62,19 @@ SPATIAL_REFERENCE = ("T1w: the subject's ACPC-aligned structural space of the HC
                      "preprocessing pipelines (HCP T1w/Diffusion, 1.25 mm)")
 
 
+def pulse_timing() -> tuple[float, float]:
+    """HCP (delta, Delta) in seconds, from the table that ships with the package."""
+    from importlib.resources import files
+    path = files("vaemap_bids") / "data" / "hcp_wu_minn" / "delta_Delta_hcp_wu_minn.txt"
+    values = np.loadtxt(str(path), comments="#")
+    return float(values[0]), float(values[1])
+
+
 def hcp_dwi_metadata() -> dict:
     """What is known of the HCP WU-Minn 3T diffusion protocol (Sotiropoulos et al. 2013,
     NeuroImage 80:125): Siemens 3T Connectome Skyra, multiband 3, TR 5520 ms, TE 89.5 ms,
     delta/Delta 10.6/43.1 ms (the pulse timing ships with the package)."""
-    small_delta, big_delta = hcp_pulse_timing()
+    small_delta, big_delta = pulse_timing()
     return {
         "Manufacturer": "Siemens",
         "MagneticFieldStrength": 3,
@@ -213,7 +222,7 @@ def _dataset_description() -> dict:
         "Authors": ["WU-Minn Human Connectome Project Consortium"],
         "Acknowledgements": HCP_ACKNOWLEDGEMENT,
         "GeneratedBy": [{"Name": "vaemap-fetch-hcp", "Version": __version__,
-                         "Description": "HCP T1w/Diffusion -> BIDS (vaemap_bids.dataset.hcp)"}],
+                         "Description": "HCP T1w/Diffusion -> BIDS (vaemap_bids.hcp)"}],
         "SourceDatasets": [{"URL": f"s3://{HCP_BUCKET}/{HCP_RELEASE}/"}],
     }
 
@@ -292,7 +301,7 @@ def convert_hcp_subject(hcp_root, subject: str, bids_dir, *, link: bool = True,
 
     bids_dir = ensure_writable_dir(Path(bids_dir))
     entities = {"subject": subject}
-    dwi_dir = ensure_writable_dir(bids_dir / naming.dwi_dir(entities))
+    dwi_dir = ensure_writable_dir(bids_dir / naming.subject_dir(entities) / "dwi")
     stem = dwi_dir / f"{naming.prefix(entities)}_dwi"     # raw BIDS name (not a vaemap output)
     dwi = stem.with_name(stem.name + ".nii.gz")
     bval, bvec, sidecar = (stem.with_name(stem.name + ext) for ext in (".bval", ".bvec", ".json"))
@@ -315,11 +324,11 @@ def convert_hcp_subject(hcp_root, subject: str, bids_dir, *, link: bool = True,
     write_text_atomic(sidecar, json.dumps(metadata, indent=2) + "\n")
 
     deriv = mask_derivatives_dir(bids_dir)
-    mask_dir = ensure_writable_dir(deriv / naming.dwi_dir(entities))
+    mask_dir = ensure_writable_dir(deriv / naming.subject_dir(entities) / "dwi")
     _write_json_if_absent(deriv / "dataset_description.json", _mask_description())
     if not (deriv / "README").exists():
         write_text_atomic(deriv / "README", _MASK_README)
-    mask = mask_dir / naming.mask_name(entities)
+    mask = mask_dir / output("mask", entities).name
     _place(files["nodif_brain_mask.nii.gz"], mask, link)
     write_text_atomic(mask_dir / naming.sidecar(mask.name), json.dumps({
         "Type": "Brain",

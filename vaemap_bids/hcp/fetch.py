@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import atomic, naming
-from .hcp_errors import (HCPAccessDeniedError, HCPBusyError, HCPCredentialsError, HCPError,
+from .errors import (HCPAccessDeniedError, HCPBusyError, HCPCredentialsError, HCPError,
                          HCPInputError, HCPNetworkError, HCPOutputError,
                          HCPSubjectNotFoundError, output_error)
 
@@ -57,6 +57,16 @@ PART_SUFFIX = ".part"
 #: Environment variables that hold secrets (removed from Nipype-recorded environments).
 SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                    "AWS_SECURITY_TOKEN", "AWS_CONTAINER_AUTHORIZATION_TOKEN")
+
+
+
+def scrub_environ(environ: dict) -> dict:
+    """``environ`` without the variables that hold secrets (in place; returned for chaining).
+    For the copies of the environment that Nipype records, never ``os.environ`` itself."""
+    for name in SECRET_ENV_VARS:
+        environ.pop(name, None)
+    return environ
+
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                      "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidSecurity"}
@@ -566,7 +576,7 @@ def fetch_hcp_subject(subject: str, dest_root, *, profile: str | None = None,
     ``<dest_root>/<subject>/T1w/Diffusion/``, resuming and skipping what is already there.
 
     Raises ValueError for a subject ID that is not a plain label, and the HCPError subclasses
-    of :mod:`vaemap_bids.dataset.hcp_errors` (each with its ``exit_code``)."""
+    of :mod:`vaemap_bids.hcp.errors` (each with its ``exit_code``)."""
     subject = naming.check_label(subject, "HCP subject ID")
     ensure_writable_dir(dest_root)  # an unwritable destination fails before any request
     directory = diffusion_dir(dest_root, subject)

@@ -1,37 +1,19 @@
-"""Write the derivatives dataset: atomic file writes, sidecars, dataset_description, run records.
+"""Sidecars (BEP016) and the dataset-level files of the derivatives dataset.
 
-Plain functions (arrays and dicts in, files out); the Nipype interfaces only call them. Every
-file is written to a hidden temporary name in its final folder and renamed, so a crash never
-leaves a half-written output and readers never see one.
+Plain functions from what a fit or a series knows to the dictionaries written beside each image;
+:mod:`vaemap_bids.outputs.products` calls them.
 """
 from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
-from .. import __version__, naming
+from .. import __version__
 from ..atomic import write_json_atomic, write_text_atomic
 from ..fitting.base import ESTIMATORS
 
 CODE_URL = "https://github.com/vaemap/vaemap"
 PAPER_URL = "https://arxiv.org/abs/2411.10772"
-
-# ---- images ----------------------------------------------------------------------------------
-
-def image_like(data: np.ndarray, reference: nib.Nifti1Image, dtype=np.float32) -> nib.Nifti1Image:
-    """A NIfTI on the reference's grid (affine, qform/sform codes, spatial units)."""
-    data = np.asarray(data, dtype=dtype)
-    img = nib.Nifti1Image(data, reference.affine)
-    ref = reference.header
-    img.header.set_qform(ref.get_qform(), int(ref["qform_code"]))
-    img.header.set_sform(ref.get_sform(), int(ref["sform_code"]))
-    img.header.set_xyzt_units(xyz=ref.get_xyzt_units()[0])
-    img.set_data_dtype(dtype)
-    return img
-
 
 # ---- dataset level ---------------------------------------------------------------------------
 
@@ -85,7 +67,7 @@ def model_block(model_info: dict, method: str, hyperparameters: dict) -> dict:
 
 def map_sidecar(model_info: dict, method: str, hyperparameters: dict, param: str, *,
                 sources: list[str], seed: int, device: str, stat: str | None = None,
-                direction_reference: str | None = None) -> dict:
+                direction_reference: str | None = None, std_method: str | None = None) -> dict:
     """Sidecar of one parameter map (``stat='std'`` for its posterior standard deviation)."""
     spec = model_info["Parameters"][param]
     side = {
@@ -94,9 +76,9 @@ def map_sidecar(model_info: dict, method: str, hyperparameters: dict, param: str
         "Units": spec["Units"],
         "Bounds": spec["Bounds"],
     }
-    if stat == naming.STD_STAT:
-        side["Description"] = (f"Posterior standard deviation of: {spec['Description']} "
-                               "(from samples of the latent posterior, decoded)")
+    if stat == "std":
+        how = f" ({std_method})" if std_method else ""
+        side["Description"] = f"The standard deviation of the estimate of: {spec['Description']}{how}"
     if direction_reference is not None:
         side["OrientationEncoding"] = {"Type": "unit3vector", "Reference": direction_reference}
         side["Description"] = (f"{spec['Description'].split(' (')[0]}: unit vector in the "
@@ -137,5 +119,19 @@ def dseg_tsv(n_components: int) -> str:
 def mask_sidecar(source: str, sources: list[str]) -> dict:
     side = {"Type": "Brain", "Description": f"Brain mask ({source})", "Sources": sources}
     if sources:  # the mask is on the grid of the DWI series it was made for
+        side["SpatialReference"] = sources[0]
+    return side
+
+
+def valid_mask_sidecar(counts: dict, sources: list[str]) -> dict:
+    """The validity mask: which brain-mask voxels carry estimates. Every map is 0 outside it."""
+    excluded = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in counts.items() if n)
+    side = {"Type": "Brain",
+            "Description": ("Brain-mask voxels whose data were fitted (1). Voxels of the brain "
+                            "mask excluded before fitting are 0 here and 0 in every map"
+                            + (f" ({excluded})" if excluded else "") + "."),
+            "ExcludedVoxels": {k: int(v) for k, v in counts.items()},
+            "Sources": sources}
+    if sources:
         side["SpatialReference"] = sources[0]
     return side

@@ -27,45 +27,41 @@ Messages never contain credentials: at most the credential *source* (``env``,
 """
 from __future__ import annotations
 
-EXIT_NO_DATA = 18
-EXIT_BAD_DATA = 65
-EXIT_MISSING_INPUT = 66
-EXIT_CANNOT_CREATE_OUTPUT = 73
-EXIT_TEMPORARY_FAILURE = 75
+from ..config import ExitCode
 
 
 class HCPError(Exception):
     """Base class: the HCP data could not be obtained. ``exit_code`` is what the CLI returns."""
 
-    exit_code = EXIT_MISSING_INPUT
+    exit_code = ExitCode.NOINPUT
 
 
 class HCPSubjectNotFoundError(HCPError, LookupError):
-    exit_code = EXIT_NO_DATA
+    exit_code = ExitCode.NO_DATA
 
 
 class HCPDataError(HCPError, ValueError):
-    exit_code = EXIT_BAD_DATA
+    exit_code = ExitCode.DATAERR
 
 
 class HCPCredentialsError(HCPError):
-    exit_code = EXIT_MISSING_INPUT
+    exit_code = ExitCode.NOINPUT
 
 
 class HCPAccessDeniedError(HCPError):
-    exit_code = EXIT_MISSING_INPUT
+    exit_code = ExitCode.NOINPUT
 
 
 class HCPInputError(HCPError):
-    exit_code = EXIT_MISSING_INPUT
+    exit_code = ExitCode.NOINPUT
 
 
 class HCPOutputError(HCPError):
-    exit_code = EXIT_CANNOT_CREATE_OUTPUT
+    exit_code = ExitCode.CANTCREAT
 
 
 class HCPNetworkError(HCPError):
-    exit_code = EXIT_TEMPORARY_FAILURE
+    exit_code = ExitCode.TEMPFAIL
 
 
 def output_error(path, exc: OSError, doing: str = "write") -> HCPOutputError:
@@ -75,4 +71,4 @@ def output_error(path, exc: OSError, doing: str = "write") -> HCPOutputError:
 
 
 class HCPBusyError(HCPError):
-    exit_code = EXIT_TEMPORARY_FAILURE
+    exit_code = ExitCode.TEMPFAIL

@@ -1,0 +1,97 @@
+"""The Nipype interfaces of one DWI series before the fits: ``PrepareSeries`` (the brain mask and
+the b0-normalised signals, one pass over the image) and ``SeriesProducts`` (mask derivatives).
+
+They only move files in and out of :mod:`vaemap_bids.dataset.signals` and
+:mod:`vaemap_bids.outputs.products`.
+"""
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
+                                    isdefined, traits)
+
+from ..dataset.gradients import load_acquisition
+from ..dataset.image import load_scan
+from ..dataset.signals import prepare_series
+from ..outputs.products import image_like, series_products, write_products
+
+
+class _PrepareSeriesInputSpec(BaseInterfaceInputSpec):
+    dwi_file = File(exists=True, mandatory=True, desc="4-D DWI image")
+    bval_file = File(exists=True, mandatory=True, desc="BIDS .bval")
+    bvec_file = File(exists=True, mandatory=True, desc="BIDS .bvec")
+    scan_file = File(exists=True, mandatory=True, desc="the planning pass's scan (.npz)")
+    given_mask = File(exists=True, desc="a desc-brain_mask from --derivatives (else median_otsu)")
+
+
+class _PrepareSeriesOutputSpec(TraitedSpec):
+    mask_file = File(exists=True, desc="the brain mask used (uint8, DWI grid and header)")
+    signals_file = File(exists=True, desc="npz: signals (N, T) S/S0 of the mask's voxels (NaN "
+                                          "rows excluded), s0 (N,), valid (N,), bvals (ms/um^2), "
+                                          "bvecs (T, 3, .bvec frame)")
+    mask_info = traits.Dict(desc="mask source, voxel counts, excluded voxels")
+
+
+class PrepareSeries(SimpleInterface):
+    """The mask and the mask's signal rows, reading the image once (see
+    :func:`vaemap_bids.dataset.signals.prepare_series`)."""
+
+    input_spec = _PrepareSeriesInputSpec
+    output_spec = _PrepareSeriesOutputSpec
+
+    def _run_interface(self, runtime):
+        acq = load_acquisition(self.inputs.bval_file, self.inputs.bvec_file)
+        scan = load_scan(self.inputs.scan_file)
+        given = self.inputs.given_mask if isdefined(self.inputs.given_mask) else None
+        prepared = prepare_series(self.inputs.dwi_file, acq, scan["mean_b0"], given)
+        info = prepared.info
+        mask_file = os.path.join(runtime.cwd, "brain_mask.nii.gz")
+        nib.save(image_like(prepared.mask, info.header, np.uint8), mask_file)
+        signals_file = os.path.join(runtime.cwd, "signals.npz")
+        # uncompressed: written once, read by every fit node
+        np.savez(signals_file, signals=prepared.signals, s0=prepared.s0, valid=prepared.valid,
+                 bvals=acq.bvals, bvecs=acq.bvecs)
+        n = int(prepared.mask.sum())
+        self._results.update(mask_file=mask_file, signals_file=signals_file, mask_info={
+            "source": prepared.mask_source, "n_voxels": n,
+            "n_valid": int(prepared.valid.sum()),
+            "volume_ml": round(n * info.voxel_volume_ml, 3),
+            "excluded": prepared.excluded})
+        return runtime
+
+
+class _SeriesProductsInputSpec(BaseInterfaceInputSpec):
+    mask_file = File(exists=True, mandatory=True)
+    signals_file = File(exists=True, mandatory=True, desc="for the valid rows")
+    mask_info = traits.Dict(mandatory=True)
+    entities = traits.Dict(mandatory=True, desc="the series' entities")
+    sources = traits.List(traits.Str, value=[], usedefault=True)
+
+
+class _ProductsOutputSpec(TraitedSpec):
+    out_root = traits.Str(desc="folder holding the products at their OUTPUT_DIR paths")
+    out_files = traits.List(File(exists=True), desc="the products, in writing order")
+
+
+class SeriesProducts(SimpleInterface):
+    """The brain mask and validity mask derivatives (written in the node's folder)."""
+
+    input_spec = _SeriesProductsInputSpec
+    output_spec = _ProductsOutputSpec
+
+    def _run_interface(self, runtime):
+        img = nib.load(self.inputs.mask_file)
+        mask = np.asanyarray(img.dataobj) > 0
+        with np.load(self.inputs.signals_file) as data:
+            valid = np.zeros(mask.shape, dtype=bool)
+            valid[mask] = data["valid"]
+        info = self.inputs.mask_info
+        products = series_products(self.inputs.entities, mask, valid, info["source"],
+                                   info["excluded"], list(self.inputs.sources))
+        root = os.path.join(runtime.cwd, "derivatives")
+        self._results["out_root"] = root
+        self._results["out_files"] = [str(p) for p in write_products(products, root, img)]
+        return runtime

@@ -1,0 +1,111 @@
+"""The graph of one DWI series (a participant, session, acquisition and run):
+
+    prepare_series -> fit_<model>_<method> -> products_<model>_<method> -> ds_<model>_<method>
+          |                                                                     |
+          +-> series_products -> ds_series                     summary -> ds_summary
+
+``prepare_series`` reads the image once (mask + signals); every fit node reads its signals;
+products nodes compute a fit's derivatives (:mod:`vaemap_bids.outputs`); sinks copy them into
+OUTPUT_DIR. Node names are stable and their inputs deterministic (sorted JSON options, resolved
+device, the seed), so a rerun with the same work dir re-uses every node that finished.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from nipype.pipeline import engine as pe
+
+from ..config import Config
+from ..dataset.bids import SeriesPlan
+from ..fitting import NETWORK_METHODS
+from ..fitting.options import options_for
+from ..interfaces.derivatives import DerivativesSink, FitProducts, SeriesSummary
+from ..interfaces.fitting import FitModel
+from ..interfaces.series import PrepareSeries, SeriesProducts
+
+
+def series_workflow_name(plan: SeriesPlan) -> str:
+    """``sub-01_ses-a_run-1`` -> ``sub_01_ses_a_run_1_wf`` (Nipype names are identifiers)."""
+    return re.sub(r"[^A-Za-z0-9]", "_", plan.series.prefix) + "_wf"
+
+
+def bids_uri(path: str, bids_dir: str) -> str:
+    """``bids:raw:sub-01/dwi/...`` for a file of the input dataset (the BIDS ``Sources`` form)."""
+    try:
+        return "bids:raw:" + str(Path(path).resolve().relative_to(Path(bids_dir).resolve()))
+    except ValueError:
+        return Path(path).resolve().as_uri()
+
+
+def estimate_mem_gb(plan: SeriesPlan, factor: float, cap_gb: float) -> float:
+    """A node's memory estimate from the image size (float32 copies), capped at the plugin's
+    budget so that MultiProc never refuses a node it could run alone."""
+    n_values = 1
+    for s in plan.shape:
+        n_values *= int(s)
+    return float(min(max(0.25, factor * n_values * 4 / 1024 ** 3), cap_gb))
+
+
+def _sink(name: str, output_dir: str) -> pe.Node:
+    return pe.Node(DerivativesSink(output_dir=output_dir), name=name,
+                   run_without_submitting=True)
+
+
+def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) -> pe.Workflow:
+    """Prepare the series, fit every (model, method) the acquisition supports, write it all."""
+    series = plan.series
+    wf = pe.Workflow(name=name or series_workflow_name(plan))
+    out_dir = str(Path(config.output_dir).resolve())
+    sources = [bids_uri(p, config.bids_dir) for p in (series.dwi, series.bval, series.bvec)]
+    cap = config.effective_mem_gb()
+    device = config.resolved_device or "cpu"
+    omp = config.effective_omp_nthreads()
+
+    prepare = pe.Node(PrepareSeries(dwi_file=series.dwi, bval_file=series.bval,
+                                    bvec_file=series.bvec, scan_file=plan.scan_file),
+                      name="prepare_series", mem_gb=estimate_mem_gb(plan, 2.0, cap))
+    if plan.mask_file:
+        prepare.inputs.given_mask = plan.mask_file
+    series_products = pe.Node(SeriesProducts(entities=series.entities, sources=sources),
+                              name="series_products")
+    ds_series = _sink("ds_series", out_dir)
+    wf.connect([
+        (prepare, series_products, [("mask_file", "mask_file"), ("signals_file", "signals_file"),
+                                    ("mask_info", "mask_info")]),
+        (series_products, ds_series, [("out_root", "in_root"), ("out_files", "in_files")]),
+    ])
+
+    fits = [(m, meth) for m in plan.models_to_run() for meth in config.methods]
+    summary = pe.Node(SeriesSummary(plan=plan.to_dict(), methods=list(config.methods),
+                                    output_dir=out_dir, device=device, seed=config.seed,
+                                    validator=config.validator, started=config.started),
+                      name="summary", run_without_submitting=True)
+    ds_summary = _sink("ds_summary", out_dir)
+    wf.connect([(prepare, summary, [("mask_info", "mask_info")]),
+                (summary, ds_summary, [("out_root", "in_root"), ("out_files", "in_files")])])
+    if fits:
+        from nipype.interfaces.utility import Merge
+        records = pe.Node(Merge(len(fits)), name="merge_records", run_without_submitting=True)
+        wf.connect([(records, summary, [("out", "fit_records")])])
+
+    for i, (model, method) in enumerate(fits):
+        options = options_for(config.hyperparameters, method, model)
+        fit = pe.Node(FitModel(model=model, method=method,
+                               options=json.dumps(options, sort_keys=True), device=device,
+                               seed=config.seed, use_gpu=device.startswith("cuda"),
+                               num_threads=omp, progress=config.verbosity > 0),
+                      name=f"fit_{model}_{method}", n_procs=omp,
+                      mem_gb=estimate_mem_gb(plan, 2.0 if method in NETWORK_METHODS else 3.0, cap))
+        products = pe.Node(FitProducts(entities=series.entities, sources=sources),
+                           name=f"products_{model}_{method}", mem_gb=0.5)
+        sink = _sink(f"ds_{model}_{method}", out_dir)
+        wf.connect([
+            (prepare, fit, [("signals_file", "signals_file")]),
+            (fit, products, [("fit_file", "fit_file"), ("record_file", "record_file")]),
+            (prepare, products, [("mask_file", "mask_file")]),
+            (products, sink, [("out_root", "in_root"), ("out_files", "in_files")]),
+            (sink, records, [("last_file", f"in{i + 1}")]),
+        ])
+    return wf
