@@ -584,10 +584,11 @@ def test_vaemap_runs_with_the_shipped_slurm_plugin_file(tmp_path):
     calls = log.read_text().splitlines()
     assert len(calls) >= 3 and all(c.startswith(sbatch_args) for c in calls), calls
     entities = {"subject": "01"}
-    dwi = out / naming.dwi_dir(entities)
+    dwi = out / naming.subject_dir(entities) / "dwi"
     for method in ("lsq", "vaegmm"):
         for param in ("msd", "msk"):
-            assert (dwi / naming.map_name(entities, "msdki", method, param)).exists()
+            assert (dwi / f"{naming.prefix(entities)}_model-msdki_desc-{method}_param-{param}"
+                    "_dwimap.nii.gz").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -779,8 +780,9 @@ def test_container_like_install_and_readonly_run(tmp_path):
     assert record["validator"].startswith("bids-validator-deno"), record["validator"]
     assert record["resolved_device"] == "cpu"
     entities = {"subject": "01"}
-    dwi = out / naming.dwi_dir(entities)
+    dwi = out / naming.subject_dir(entities) / "dwi"
     for method in ("lsq", "vaegmm"):
         for param in ("msd", "msk"):
-            assert (dwi / naming.map_name(entities, "msdki", method, param)).exists(), \
+            assert (dwi / f"{naming.prefix(entities)}_model-msdki_desc-{method}_param-{param}"
+                    "_dwimap.nii.gz").exists(), \
                 (method, param, sorted(p.name for p in dwi.iterdir()))

@@ -130,10 +130,14 @@ def test_nonfinite_voxels_are_excluded_and_reported(capsys, ds):
     assert "NaN/Inf" in err
     summary = json.loads((ds / "out/sub-01/log/sub-01_summary.json").read_text())
     assert summary["mask"]["excluded_nonfinite"] == 2
+    # excluded voxels stay in the brain mask, are 0 in the validity mask and 0 in every map
     mask = nib.load(ds / "out/sub-01/dwi/sub-01_desc-brain_mask.nii.gz").get_fdata()
-    assert mask[centre] == 0
+    valid = nib.load(ds / "out/sub-01/dwi/sub-01_desc-valid_mask.nii.gz").get_fdata() > 0
+    assert mask[centre] == 1 and not valid[centre] and valid.sum() == mask.sum() - 2
     msd = nib.load(ds / "out/sub-01/dwi/sub-01_model-msdki_desc-lsq_param-msd_dwimap.nii.gz")
-    assert np.isnan(msd.get_fdata()[centre]) and np.isfinite(msd.get_fdata()[mask > 0]).all()
+    assert msd.get_fdata()[centre] == 0 and (msd.get_fdata()[valid] > 0).all()
+    side = json.loads((ds / "out/sub-01/dwi/sub-01_desc-valid_mask.json").read_text())
+    assert side["ExcludedVoxels"] == {"nonfinite": 2, "nonpositive_b0": 0}
 
 
 def _single_shell(ds):

@@ -13,7 +13,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -23,6 +22,7 @@ import pytest
 from lxml import html as lxml_html
 
 from vaemap_bids import naming
+from vaemap_bids.outputs.table import output
 from vaemap_bids.reports import metrics
 from vaemap_bids.reports.collect import load_canonical
 from vaemap_bids.config import ExitCode
@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
 SECTION_IDS = [sid for sid, _ in SECTIONS]
 FIGURE_SECTIONS = ("maps", "fit-quality", "agreement", "training", "latent", "clusters")
-TIMINGS: dict[str, float] = {}
 
 
 # ---- metrics: plain functions ------------------------------------------------------------------
@@ -113,6 +112,10 @@ def _phantom():
     return mask, tissue
 
 
+def _map(ent: dict, model: str, method: str, param: str) -> str:
+    return output("param", ent, model=model, method=method, param=param).path
+
+
 def _save(path: Path, data, dtype=np.float32):
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(data, dtype=dtype), AFFINE), str(path))
@@ -122,15 +125,16 @@ def _save(path: Path, data, dtype=np.float32):
 def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 0.0,
                            offset: float = 0.0, methods=("lsq", "vaeunig", "vaegmm"),
                            n_unphysical: int = 0):
-    """One MS-DKI series (ball-stick skipped) with every file of the contract in naming.py;
+    """One MS-DKI series (ball-stick skipped) with every file of the derivatives table;
     ``offset`` is added to both parameters (between-subject spread), ``shift`` to the
     diffusivity only (an outlier subject); ``n_unphysical`` lsq voxels get b D K >= 3 at b = 2000."""
     rng = np.random.default_rng(seed)
     mask, tissue = _phantom()
     n = int(mask.sum())
-    dwi, logd = out / naming.dwi_dir(entities), out / naming.log_dir(entities)
+    dwi, logd = out / naming.subject_dir(entities) / "dwi", out / naming.subject_dir(entities) / "log"
     logd.mkdir(parents=True, exist_ok=True)
-    _save(dwi / naming.mask_name(entities), mask, np.uint8)
+    _save(dwi / output("mask", entities).name, mask, np.uint8)
+    _save(dwi / output("valid_mask", entities).name, mask, np.uint8)
     truth = {"msd": np.zeros(SHAPE), "msk": np.zeros(SHAPE)}
     for label, (d, k) in TISSUE.items():
         truth["msd"][tissue == label] = d + shift + offset
@@ -144,14 +148,15 @@ def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 
                 maps["msd"][tuple(idx)], maps["msk"][tuple(idx)] = 1.2, 1.3  # 2 * 1.2 * 1.3 > 3
         rel = {}
         for p, v in maps.items():
-            name = naming.map_name(entities, "msdki", method, p)
+            name = output("param", entities, model="msdki", method=method, param=p).name
             _save(dwi / name, v)
-            rel[p] = f"{naming.dwi_dir(entities)}/{name}"
+            rel[p] = f"{naming.subject_dir(entities)}/dwi/{name}"
             if method.startswith("vae"):
                 std = np.where(mask, np.abs(rng.normal(0.05, 0.02, SHAPE)) * tissue, 0)
-                _save(dwi / naming.map_name(entities, "msdki", method, p, naming.STD_STAT), std)
+                _save(dwi / output("std", entities, model="msdki", method=method, param=p).name,
+                      std)
         nrmse = np.where(mask, np.abs(rng.normal(0.02 + noise[method] / 4, 0.01, SHAPE)), 0)
-        _save(dwi / naming.nrmse_name(entities, "msdki", method), nrmse)
+        _save(dwi / output("nrmse", entities, model="msdki", method=method).name, nrmse)
         history = {k: [] for k in ("loss", "recon", "kl", "beta", "tau", "val_loss")}
         if method != "lsq":
             ep = np.arange(12)
@@ -165,7 +170,8 @@ def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 
                   "device": "cpu", "seed": 3, "n_voxels": n, "n_invalid": 0, "n_at_bound": 1,
                   "nrmse_median": float(np.median(nrmse[mask])),
                   "nrmse_mean": float(np.mean(nrmse[mask])), "maps": rel}
-        (logd / naming.fit_record_name(entities, "msdki", method)).write_text(json.dumps(record))
+        (logd / output("fit_record", entities, model="msdki", method=method).name).write_text(
+            json.dumps(record))
         if method.startswith("vae"):
             index = np.flatnonzero(mask)[::3]
             lab = tissue.ravel()[index]
@@ -173,11 +179,15 @@ def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 
                       "index": index}
             if method == "vaegmm":
                 arrays["responsibilities"] = np.eye(3)[lab - 1] * 0.9 + 0.1 / 3
-            np.savez(logd / naming.latent_name(entities, "msdki", method), **arrays)
+            np.savez(logd / output("latent", entities, model="msdki", method=method).name,
+                     **arrays)
     if "vaegmm" in methods:
-        _save(dwi / naming.dseg_name(entities, "msdki"), tissue, np.int16)
-        _save(dwi / naming.probseg_name(entities, "msdki"),
+        _save(dwi / output("dseg", entities, model="msdki", method="vaegmm").name, tissue,
+              np.int16)
+        _save(dwi / output("probseg", entities, model="msdki", method="vaegmm").name,
               np.stack([np.where(mask, (tissue == i) * 0.9 + 0.05, 0) for i in (1, 2, 3)], -1))
+        (dwi / output("dseg_tsv", entities, model="msdki", method="vaegmm").name).write_text(
+            "index\tname\n1\tcomponent1\n2\tcomponent2\n3\tcomponent3\n")
     summary = {"subject": entities["subject"], "session": entities.get("session"),
                "entities": entities, "prefix": naming.prefix(entities),
                "inputs": {"dwi": "dwi.nii.gz", "bval": "dwi.bval", "bvec": "dwi.bvec",
@@ -192,7 +202,7 @@ def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 
                "device": "cpu", "seed": 3, "versions": {"vaemap": "0.1.0", "torch": "2.13.0"},
                "validator": "skipped", "started": "2026-01-01T00:00:00+00:00",
                "finished": "2026-01-01T00:01:00+00:00"}
-    (logd / naming.summary_name(entities)).write_text(json.dumps(summary))
+    (logd / output("summary", entities).name).write_text(json.dumps(summary))
 
 
 # ---- HTML checks -------------------------------------------------------------------------------
@@ -302,18 +312,13 @@ def real_run(tmp_path_factory):
     write_phantom_dataset(bids, root / "truth", subjects=("01", "02"), model="ballstick",
                           shape=(12, 14, 10), seed=4)
     (root / "hp.yaml").write_text(HYPER)
-    t0 = time.perf_counter()
     code = main([str(bids), str(out), "participant", "-w", str(root / "work"), "--config",
-                 str(root / "hp.yaml"), "--models", "ballstick", "--device", "cpu", "--nprocs", "2", "--omp-nthreads", "1",
+                 str(root / "hp.yaml"), "--models", "ballstick", "--device", "cpu", "--nprocs", "2",
+                 "--omp-nthreads", "1",
                  "--skip-bids-validation", "--seed", "1"])
-    TIMINGS["participant run (2 subjects)"] = time.perf_counter() - t0
     assert code == 0, f"vaemap participant failed with exit code {code}"
-    t0 = time.perf_counter()
     pages = {s: generate_participant_report(out, s, bids_dir=bids) for s in ("01", "sub-02")}
-    TIMINGS["participant reports (2)"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
     group_code = run_group(out, bids_dir=bids)
-    TIMINGS["group level"] = time.perf_counter() - t0
     return {"root": root, "bids": bids, "out": out, "pages": pages, "group_code": group_code}
 
 
@@ -345,16 +350,15 @@ def test_report_numbers_match_the_maps(real_run):
     """The table under the maps and the group TSV hold the masked median of the written maps."""
     out = real_run["out"]
     ent = {"subject": "01"}
-    mask = load_canonical(out / naming.dwi_dir(ent) / naming.mask_name(ent)) > 0
-    vol = load_canonical(out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "vaegmm",
-                                                                     "dpar"))
+    mask = load_canonical(out / output("mask", ent).path) > 0
+    vol = load_canonical(out / _map(ent, "ballstick", "vaegmm", "dpar"))
     med, iqr = metrics.median_iqr(vol[mask])
     rows = list(csv.DictReader((out / "group_ballstick.tsv").open(), delimiter="\t"))
     row = [r for r in rows if r["subject"] == "01" and r["method"] == "vaegmm" and r["param"] == "dpar"]
     assert len(row) == 1
     assert float(row[0]["median"]) == pytest.approx(med, rel=1e-5)
     assert float(row[0]["iqr"]) == pytest.approx(iqr, rel=1e-5, abs=1e-7)
-    dseg = load_canonical(out / naming.dwi_dir(ent) / naming.dseg_name(ent, "ballstick"))
+    dseg = load_canonical(out / output("dseg", ent, model="ballstick", method="vaegmm").path)
     for k, (n, cmed, ciqr) in metrics.per_label_median_iqr(vol, np.where(mask, dseg, 0)).items():
         assert int(row[0][f"cluster{k}_n"]) == n
         assert float(row[0][f"cluster{k}_median"]) == pytest.approx(cmed, rel=1e-5)
@@ -391,7 +395,6 @@ def test_pages_render_in_headless_chromium(real_run, tmp_path):
         pytest.skip("chromium is not installed (scripts/test.sh installs Debian's chromium "
                     "with apt-get when run as root)")
     out = real_run["out"]
-    t0 = time.perf_counter()
     # the probe itself must catch a missing file, or a pass below would mean nothing
     bad = tmp_path / "bad.html"
     bad.write_text("<html><head></head><body><img src='nope.png'></body></html>")
@@ -405,7 +408,6 @@ def test_pages_render_in_headless_chromium(real_run, tmp_path):
         assert img.shape[:2] == (3000, 1400)
         colours = np.unique(img.reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1]))
         assert img.std() > 10 and colours.size > 50  # not blank: text, tables and figures drawn
-    TIMINGS["chromium (probe + screenshots)"] = time.perf_counter() - t0
 
 
 def test_group_level_lists_missing_and_incomplete_subjects(real_run, tmp_path):
@@ -414,19 +416,19 @@ def test_group_level_lists_missing_and_incomplete_subjects(real_run, tmp_path):
     shutil.rmtree(out / "sub-02")
     (out / "sub-02.html").unlink()
     ent = {"subject": "01"}
-    (out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "ssl", "dpar")).unlink()
+    (out / _map(ent, "ballstick", "ssl", "dpar")).unlink()
     code = run_group(out, bids_dir=real_run["bids"])
     assert code == ExitCode.NOINPUT != 0
     doc = check_html(out / "group.html")
     missing = doc.get_element_by_id("missing").text_content()
     assert "sub-02" in missing and "no outputs" in missing
-    assert naming.map_name(ent, "ballstick", "ssl", "dpar") in missing
+    assert Path(_map(ent, "ballstick", "ssl", "dpar")).name in missing
     assert "2 of 2 subjects" in missing
     rows = list(csv.DictReader((out / "group_ballstick.tsv").open(), delimiter="\t"))
     assert {r["subject"] for r in rows} == {"01"}
     # labels given explicitly: only those are expected
-    (out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "ssl", "dpar")).write_bytes(
-        (real_run["out"] / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "ssl", "dpar")
+    (out / _map(ent, "ballstick", "ssl", "dpar")).write_bytes(
+        (real_run["out"] / _map(ent, "ballstick", "ssl", "dpar")
          ).read_bytes())
     assert run_group(out, participant_labels=["sub-01"]) == ExitCode.OK
     assert run_group(out, participant_labels=["01", "02"]) == ExitCode.NOINPUT
@@ -470,8 +472,8 @@ def test_maps_are_drawn_in_ras_orientation(synthetic):
     """The x-flipped affine must come out as the canonical image (left/right not swapped)."""
     from vaemap_bids.reports.figures import SliceView
     ent = {"subject": "02", "session": "pre"}
-    raw = nib.load(str(synthetic / naming.dwi_dir(ent) / naming.mask_name(ent)))
-    can = load_canonical(synthetic / naming.dwi_dir(ent) / naming.mask_name(ent))
+    raw = nib.load(str(synthetic / output("mask", ent).path))
+    can = load_canonical(synthetic / output("mask", ent).path)
     np.testing.assert_array_equal(can, np.asarray(raw.dataobj)[::-1])
     view = SliceView(can > 0)
     assert view.mask2d.any() and view(can).shape == view.mask2d.shape
@@ -507,8 +509,8 @@ def test_participant_report_degrades_gracefully(tmp_path):
     a, b = {"subject": "07", "session": "a"}, {"subject": "07", "session": "b"}
     write_synthetic_series(out, a, seed=1, methods=("lsq",))
     write_synthetic_series(out, b, seed=2, methods=("lsq", "vaegmm"))
-    lost = naming.map_name(b, "msdki", "vaegmm", "msk")
-    (out / naming.dwi_dir(b) / lost).unlink()
+    lost = output("param", b, model="msdki", method="vaegmm", param="msk").name
+    (out / _map(b, "msdki", "vaegmm", "msk")).unlink()
     doc = check_html(generate_participant_report(out, "07"))
     summary = doc.get_element_by_id("summary").text_content()
     assert "Incomplete outputs" in summary and lost in summary
@@ -532,7 +534,17 @@ def test_bad_labels_and_empty_output(tmp_path, synthetic):
     assert run_group(tmp_path / "nope") == ExitCode.NOINPUT
 
 
-def test_zz_report_timings():
-    """Print what the end-to-end steps took (pytest -s shows it)."""
-    for what, seconds in TIMINGS.items():
-        print(f"reports timing: {what}: {seconds:.1f} s")
+def test_report_lists_every_fit_with_its_recorded_wall_time(real_run):
+    """The summary's table of fit nodes: one row per fit that ran, with the wall time and the
+    voxel count of its fit record."""
+    from vaemap_bids.reports.participant import _fmt
+    out = real_run["out"]
+    doc = check_html(out / "sub-01.html")
+    rows = {tuple(td.text_content().strip() for td in tr.findall("td"))
+            for tr in doc.iter("tr") if len(tr.findall("td")) == 7}
+    for record_path in sorted((out / "sub-01" / "log").glob("*_fit.json")):
+        record = json.loads(record_path.read_text())
+        row = (record["model"], record["method"], record["device"],
+               _fmt(record["timings"]["fit_seconds"]), _fmt(record["timings"]["voxels_per_second"]),
+               _fmt(record["n_voxels"]), _fmt(record["seed"]))
+        assert row in rows, (row, rows)

@@ -394,6 +394,8 @@ def test_demo_main_builds_data_and_calls_vaemap(tmp_path, monkeypatch, capsys):
     writes the truth itself as the lsq maps, so every error must be 0)."""
     import vaemap_bids.cli.run as cli_run
     from vaemap_bids import naming
+    from vaemap_bids.cli import demo as demo_cli
+    from vaemap_bids.outputs.table import output
     from vaemap_bids.simulate import demo
 
     monkeypatch.setattr(demo, "PHANTOM_SHAPE", (12, 14, 10))
@@ -406,14 +408,14 @@ def test_demo_main_builds_data_and_calls_vaemap(tmp_path, monkeypatch, capsys):
         for path in (truth / "sub-phantom" / "dwi").glob("*desc-truth_param-*_dwimap.nii.gz"):
             ent = {"subject": "phantom"}
             param = naming.parse(path.name)["param"]
-            dest = out / naming.dwi_dir(ent) / naming.map_name(ent, "ballstick", "lsq", param)
+            dest = out / output("param", ent, model="ballstick", method="lsq", param=param).path
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, dest)
         return 0
 
     monkeypatch.setattr(cli_run, "main", fake_vaemap)
     demo_dir = tmp_path / "demo"
-    assert demo.main(["--out-dir", str(demo_dir), "--device", "cpu", "--nprocs", "1"]) == 0
+    assert demo_cli.main(["--out-dir", str(demo_dir), "--device", "cpu", "--nprocs", "1"]) == 0
     (argv,) = calls
     assert argv[:3] == [str(demo_dir / "bids"), str(demo_dir / "out"), "participant"]
     joined = " ".join(argv)
@@ -425,16 +427,16 @@ def test_demo_main_builds_data_and_calls_vaemap(tmp_path, monkeypatch, capsys):
     assert (demo_dir / "bids" / "sub-phantom").is_dir() and (demo_dir / "bids" / "sub-small101d").is_dir()
     text = capsys.readouterr().out
     assert "REDUCED" in text and "sub-phantom.html" in text
-    rows = demo.compare_with_truth(demo_dir / "out", demo._phantom_record(demo_dir / "bids",
+    rows = demo.compare_with_truth(demo_dir / "out", demo.phantom_record(demo_dir / "bids",
                                                                           demo_dir / "truth"))
     assert {r["param"] for r in rows} == {"stickfrac", "dpar", "diso", "dir"}
     assert all(r["median_abs_error"] < 1e-3 for r in rows)
     # --keep reuses the data; a folder that is not a demo folder is refused.
     stamp = (demo_dir / "bids" / "sub-phantom" / "dwi" / "sub-phantom_dwi.nii.gz").stat().st_mtime_ns
-    assert demo.main(["--out-dir", str(demo_dir), "--keep"]) == 0
+    assert demo_cli.main(["--out-dir", str(demo_dir), "--keep"]) == 0
     assert (demo_dir / "bids" / "sub-phantom" / "dwi" / "sub-phantom_dwi.nii.gz").stat().st_mtime_ns == stamp
     other = tmp_path / "not_demo"
     other.mkdir()
     (other / "precious.txt").write_text("keep me")
-    assert demo.main(["--out-dir", str(other)]) == 73
+    assert demo_cli.main(["--out-dir", str(other)]) == 73
     assert (other / "precious.txt").exists()

@@ -16,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from vaemap_bids import naming
 from vaemap_bids.cli.run import main
 from vaemap_bids.simulate.phantom import write_phantom_dataset
 
@@ -55,29 +54,31 @@ def run(tmp_path_factory):
     return {"root": root, "out": root / "out", "work": root / "work", "phantom": phantom}
 
 
-def expected_manifest(ents: dict) -> set[str]:
-    dwi, log = naming.dwi_dir(ents), naming.log_dir(ents)
-    names = {"dataset_description.json", ".bidsignore",
-             f"{dwi}/{naming.mask_name(ents)}", f"{dwi}/{naming.sidecar(naming.mask_name(ents))}",
-             f"{log}/{naming.summary_name(ents)}"}
+def expected_manifest() -> set[str]:
+    """The contract (ARCHITECTURE.md section 3), spelt out: the table is not asked."""
+    dwi, log = "sub-01/dwi", "sub-01/log"
+    names = {"dataset_description.json", ".bidsignore", f"{log}/sub-01_summary.json"}
 
-    def nifti(name):
-        names.update({f"{dwi}/{name}", f"{dwi}/{naming.sidecar(name)}"})
+    def nifti(stem):
+        names.update({f"{dwi}/{stem}.nii.gz", f"{dwi}/{stem}.json"})
 
+    nifti("sub-01_desc-brain_mask")
+    nifti("sub-01_desc-valid_mask")
     for model in MODELS:
         for method in METHODS:
+            pre = f"sub-01_model-{model}_desc-{method}"
             for param in PARAMS[model]:
-                nifti(naming.map_name(ents, model, method, param))
+                nifti(f"{pre}_param-{param}_dwimap")
                 if method.startswith("vae") and param != "dir":
-                    nifti(naming.map_name(ents, model, method, param, naming.STD_STAT))
-            nifti(naming.nrmse_name(ents, model, method))
-            names.add(f"{log}/{naming.fit_record_name(ents, model, method)}")
+                    nifti(f"{pre}_param-{param}_stat-std_dwimap")
+            nifti(f"{pre}_stat-nrmse_dwimap")
+            names.add(f"{log}/{pre}_fit.json")
             if method.startswith("vae"):
-                names.add(f"{log}/{naming.latent_name(ents, model, method)}")
+                names.add(f"{log}/{pre}_latent.npz")
             if method == "vaegmm":
-                nifti(naming.dseg_name(ents, model))
-                nifti(naming.probseg_name(ents, model))
-                names.add(f"{dwi}/{naming.dseg_table_name(ents, model)}")
+                nifti(f"{pre}_dseg")
+                nifti(f"{pre}_probseg")
+                names.add(f"{dwi}/{pre}_dseg.tsv")
     return names
 
 
@@ -87,7 +88,7 @@ def test_exact_output_manifest(run):
     got = {p for p in got if not p.startswith("logs/")}  # crash files would land there
     figures = {p for p in got if p.startswith("sub-01/figures/")}
     assert "sub-01.html" in got and figures, "the participant report is missing"
-    assert got - figures - {"sub-01.html"} == expected_manifest({"subject": "01"})
+    assert got - figures - {"sub-01.html"} == expected_manifest()
     assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
     assert not (out / "logs").exists() or not list((out / "logs").glob("crash-*"))
 
@@ -220,18 +221,20 @@ def test_resume_reruns_only_the_removed_fit(run):
     out, work = run["out"], run["work"]
     before = _result_files(work)
     maps_before = {m: _load(out, m, "msk") for m in METHODS}
-    assert {"brain_mask", "load_signals", "fit_msdki_vaegmm", "fit_ballstick_lsq"} <= set(before)
+    assert {"prepare_series", "fit_msdki_vaegmm", "fit_ballstick_lsq"} <= set(before)
     target = next(work.rglob("fit_msdki_vaegmm/result_fit_msdki_vaegmm.pklz"))
     target.unlink()
-    code = vaemap(run["root"] / "bids", out, "participant", "-w", work, "--config",
-                  run["root"] / "fast.yaml", "--nprocs", "2", "--omp-nthreads", "1",
-                  "--device", "cpu", "--seed", "3", "--skip-bids-validation")
+    # resumed from the settings file the first run wrote (issue 12: resume and audit from it)
+    (settings,) = work.glob("config-*.toml")
+    code = vaemap("--config-file", settings, "--skip-bids-validation")
     assert code == 0
     after = _result_files(work)
     rerun = {name for name in after if after[name] != before.get(name)}
-    # the writers always run (they restore deleted outputs), and so does the merge of their
-    # record paths feeding the summary; every other node is re-used
-    assert {n for n in rerun if not n.startswith("ds_")} - {"merge_records"} == {"fit_msdki_vaegmm"}
+    # the sinks always run (they restore deleted outputs), and so do the summary and the merge
+    # of the record paths feeding it; the refitted node's products follow it; nothing else
+    always = {"merge_records", "summary"}
+    assert {n for n in rerun if not n.startswith("ds_")} - always == {"fit_msdki_vaegmm",
+                                                                      "products_msdki_vaegmm"}
     for method in METHODS:
         np.testing.assert_array_equal(_load(out, method, "msk"), maps_before[method])
 
@@ -313,4 +316,6 @@ def test_given_derivative_mask_is_used(tmp_path):
     assert summary["inputs"]["mask_source"] == f"given: {given}"
     assert summary["mask"]["n_voxels"] == int((data > 0).sum())
     msd = _load(tmp_path / "out", "lsq", "msd")
-    assert np.isfinite(msd[data > 0]).all() and np.isnan(msd[data == 0]).all()
+    assert (msd[data > 0] > 0).all() and (msd[data == 0] == 0).all()  # 0 outside the mask
+    valid = nib.load(tmp_path / "out/sub-01/dwi/sub-01_desc-valid_mask.nii.gz").get_fdata()
+    np.testing.assert_array_equal(valid > 0, data > 0)

@@ -13,7 +13,7 @@ from ..fitting.base import METHODS
 from ..simulate.demo import (DEMO_HYPERPARAMETERS, DEMO_SUBJECTS, MARKER, MODELS,
                              build_demo_dataset, compare_with_truth, format_rows, phantom_record,
                              prepare_folder, write_demo_config)
-from .run import main as vaemap_main
+from . import run as vaemap_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         cmd += ["--nprocs", str(args.nprocs)]
     print("Running: vaemap " + " ".join(cmd), flush=True)
     try:
-        code = vaemap_main(cmd)
+        code = vaemap_cli.main(cmd)
     except SystemExit as exc:  # a main() that exits rather than returns
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     code = int(code or 0)

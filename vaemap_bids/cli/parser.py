@@ -59,12 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "VAEs and baselines, as a BIDS-App."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=exit_codes_help())
-    parser.add_argument("bids_dir", type=Path, metavar="BIDS_DIR",
+    # optional only with --config-file, which holds them (run.py checks that they are there)
+    parser.add_argument("bids_dir", type=Path, metavar="BIDS_DIR", nargs="?",
                         help="the input BIDS dataset")
-    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR",
+    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", nargs="?",
                         help="where the derivatives dataset is written (not inside BIDS_DIR)")
     # a free string, so that an unknown level exits with 17 (BIDS-Apps) rather than 64
-    parser.add_argument("analysis_level", metavar="{participant,group}",
+    parser.add_argument("analysis_level", metavar="{participant,group}", nargs="?",
                         help="participant: fit every selected series; group: the group level "
                              "(reads participant outputs)")
     parser.add_argument("--version", action="version", version=f"vaemap {__version__}")
@@ -137,12 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="PLUGIN.yml", default=None,
                       help="Nipype plugin file, e.g. 'plugin: SLURM' and 'plugin_args: "
                            "{sbatch_args: ...}' (default: MultiProc)")
+    perf.add_argument("--config-file", "--config_file", dest="run_config", type=Path,
+                      metavar="WORK_DIR/config-RUN.toml", default=None,
+                      help="rerun (resume, audit) a run from the settings file it wrote into "
+                           "its work dir; options given here override the file's")
     return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Parse ``argv``; raises :class:`UsageError` (exit 64) on a malformed command line."""
-    return build_parser().parse_args(argv)
+    """Parse ``argv``; raises :class:`UsageError` (exit 64) on a malformed command line.
+
+    ``args.given`` is the set of destinations the command line set explicitly (so that a
+    ``--config-file`` supplies everything else)."""
+    args = build_parser().parse_args(argv)
+    if args.run_config is None and None in (args.bids_dir, args.output_dir, args.analysis_level):
+        raise UsageError("BIDS_DIR, OUTPUT_DIR and the analysis level are required (or "
+                         "--config-file)")
+    explicit = build_parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS
+    # an absent optional positional still shows, as SUPPRESS (passed through its type)
+    args.given = {dest for dest, value in vars(explicit.parse_args(argv)).items()
+                  if str(value) != argparse.SUPPRESS}
+    return args
 
 
 __all__ = ["ANALYSIS_LEVELS", "UsageError", "build_parser", "parse_args"]

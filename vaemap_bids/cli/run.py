@@ -6,6 +6,7 @@ All input checks run before the graph is built, so a bad input never leaves part
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .. import __version__
 from ..config import Config, ExitCode, VaemapError
 from .parser import ANALYSIS_LEVELS, UsageError, parse_args
 
@@ -96,10 +98,44 @@ def _read_plugin(path: Path) -> tuple[str, dict]:
     return data["plugin"], plugin_args
 
 
+def _args_from_config(config: Config, args) -> argparse.Namespace:
+    """The settings of a ``--config-file``, as the command line would give them, with the
+    options given on this command line on top."""
+    ns = argparse.Namespace(
+        bids_dir=config.bids_dir, output_dir=config.output_dir,
+        analysis_level=config.analysis_level, participant_label=config.participant_label,
+        session_label=config.session_label,
+        models=config.models if config.models_explicit else None, methods=config.methods,
+        work_dir=config.work_dir, device=config.device, nprocs=config.nprocs or None,
+        omp_nthreads=config.omp_nthreads or None, mem_gb=config.mem_gb or None,
+        seed=config.seed, config_file=None, derivatives=config.derivatives, use_plugin=None,
+        skip_bids_validation=config.skip_bids_validation, verbosity=config.verbosity,
+        fetch_hcp=False, input_type="bids", hcp_profile=None, run_config=None, given=set())
+    for dest in args.given:
+        setattr(ns, dest, getattr(args, dest))
+    return ns
+
+
 def build_config(args) -> Config:
-    """Check what the arguments point at and build the run's :class:`Config`."""
+    """Check what the arguments point at and build the run's :class:`Config`; with
+    ``--config-file``, from that file's settings (and the options given next to it)."""
     from ..fitting.options import load_config
 
+    saved = None
+    if getattr(args, "run_config", None) is not None:
+        path = Path(args.run_config)
+        if not path.is_file():
+            raise VaemapError(f"{path}: --config-file not found", ExitCode.NOINPUT)
+        try:
+            saved = Config.from_toml(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise VaemapError(f"{path}: not a vaemap settings file ({exc})", ExitCode.USAGE) from None
+        if saved.version != __version__:
+            log.warning("%s was written by vaemap %s; this is %s", path, saved.version, __version__)
+        args = _args_from_config(saved, args)
+    if args.bids_dir is None or args.output_dir is None or args.analysis_level is None:
+        raise VaemapError("BIDS_DIR, OUTPUT_DIR and the analysis level are required (or "
+                          "--config-file) (see vaemap --help)", ExitCode.USAGE)
     bids_dir = Path(args.bids_dir).expanduser().resolve()
     output_dir = Path(args.output_dir).expanduser().resolve()
     if not bids_dir.is_dir():
@@ -114,7 +150,7 @@ def build_config(args) -> Config:
     for deriv in args.derivatives:
         if not Path(deriv).is_dir():
             raise VaemapError(f"{deriv}: --derivatives folder does not exist", ExitCode.NOINPUT)
-    hyper = {}
+    hyper, config_file = {}, ""
     if args.config_file is not None:
         if not Path(args.config_file).is_file():
             raise VaemapError(f"{args.config_file}: --config file not found", ExitCode.NOINPUT)
@@ -122,6 +158,9 @@ def build_config(args) -> Config:
             hyper = load_config(args.config_file)
         except ValueError as exc:
             raise VaemapError(str(exc), ExitCode.USAGE) from None
+        config_file = str(Path(args.config_file).resolve())
+    elif saved is not None:  # the hyper-parameters as that run used them, not the file now
+        hyper, config_file = saved.hyperparameters, saved.config_file
     from ..fitting.options import check_options, options_for
     from ..physics import available_models
     for model in args.models or available_models():
@@ -129,11 +168,13 @@ def build_config(args) -> Config:
             try:
                 check_options(method, model, options_for(hyper, method, model))
             except ValueError as exc:
-                where = f"{args.config_file}: " if args.config_file else ""
+                where = f"{config_file}: " if config_file else ""
                 raise VaemapError(f"{where}{exc}", ExitCode.USAGE) from None
     plugin, plugin_args = "MultiProc", {}
     if args.use_plugin is not None:
         plugin, plugin_args = _read_plugin(Path(args.use_plugin))
+    elif saved is not None:
+        plugin, plugin_args = saved.plugin, saved.plugin_args
     return Config(
         bids_dir=str(bids_dir), output_dir=str(output_dir), analysis_level=args.analysis_level,
         participant_label=_labels(args.participant_label, "sub"),
@@ -142,8 +183,8 @@ def build_config(args) -> Config:
         models_explicit=bool(args.models), methods=list(dict.fromkeys(args.methods)),
         work_dir=str(work_dir), device=args.device, nprocs=args.nprocs or 0,
         omp_nthreads=args.omp_nthreads or 0, mem_gb=args.mem_gb or 0.0, seed=args.seed,
-        config_file=str(Path(args.config_file).resolve()) if args.config_file else "",
-        hyperparameters=hyper, derivatives=[str(Path(d).resolve()) for d in args.derivatives],
+        config_file=config_file, hyperparameters=hyper,
+        derivatives=[str(Path(d).resolve()) for d in args.derivatives],
         plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
         verbosity=args.verbosity)
 
@@ -176,7 +217,7 @@ def plan_all(config: Config):
     def check(one):
         try:
             return plan_series(one, config.models, config.models_explicit, config.derivatives,
-                               scan_dir)
+                               scan_dir=scan_dir)
         except FileNotFoundError as exc:
             return VaemapError(str(exc).strip("'\""), ExitCode.NOINPUT)
         except ValueError as exc:
@@ -190,15 +231,24 @@ def plan_all(config: Config):
     return results
 
 
+def _check_level(level) -> None:
+    if level not in ANALYSIS_LEVELS:
+        raise VaemapError(f"unknown analysis level {level!r}; choose participant or group",
+                          ExitCode.UNKNOWN_LEVEL)
+
+
 def run(args) -> int:
-    if args.analysis_level not in ANALYSIS_LEVELS:
-        raise VaemapError(f"unknown analysis level {args.analysis_level!r}; choose participant "
-                          "or group", ExitCode.UNKNOWN_LEVEL)
-    if args.analysis_level == "group":
-        return run_group_level(build_config(args))
     from .credentials import secrets_withheld
-    hcp_source = prepare_hcp(args)  # in this process, where the credentials are
+    hcp_source = ""
+    if args.run_config is None:  # the settings file holds the level and the converted input
+        if args.analysis_level is not None:
+            _check_level(args.analysis_level)
+        if args.analysis_level == "participant":
+            hcp_source = prepare_hcp(args)  # in this process, where the credentials are
     config = build_config(args)
+    _check_level(config.analysis_level)
+    if config.analysis_level == "group":
+        return run_group_level(config)
     if hcp_source:
         config.input_type = "fetch" if args.fetch_hcp else "hcp"
         config.hcp_source = hcp_source

@@ -258,7 +258,7 @@ class SeriesPlan:
     n_volumes: int
     mask_file: str | None
     models: dict[str, ModelDecision]
-    scan_file: str = ""         # the planning pass's mean b0 etc. (see dataset.image.ImageScan)
+    scan_file: str              # the planning pass's mean b0 etc. (see dataset.image.ImageScan)
 
     def models_to_run(self) -> list[str]:
         return [m for m, d in self.models.items() if d.runs]
@@ -286,8 +286,8 @@ def decide_models(acq: Acquisition, models, explicit: bool) -> dict[str, ModelDe
     return decisions
 
 
-def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dirs=(),
-                scan_dir=None) -> SeriesPlan:
+def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dirs=(), *,
+                scan_dir) -> SeriesPlan:
     """Check one series end to end (gradient table, header and the whole image stream in one
     open, the given mask) and decide its models. The planning pass's scan is saved in
     ``scan_dir`` for the graph, so the image is decoded only once more. Raises
@@ -317,10 +317,8 @@ def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dir
     if not any(d.runs for d in decisions.values()):
         log.warning("%s: no model can run on this acquisition (%s)", series.prefix,
                     "; ".join(f"{m}: {d.reason}" for m, d in decisions.items()))
-    scan_file = ""
-    if scan_dir is not None:
-        scan_file = str(Path(scan_dir) / f"{series.prefix}_scan.npz")
-        scan.save(scan_file)
+    scan_file = str(Path(scan_dir) / f"{series.prefix}_scan.npz")
+    scan.save(scan_file)
     return SeriesPlan(series, tuple(info.shape), tuple(info.zooms), acq.shell_table(),
                       acq.n_volumes, mask_file, decisions, scan_file)
 

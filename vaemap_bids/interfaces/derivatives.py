@@ -1,10 +1,10 @@
 """Nipype interfaces that put derivatives into OUTPUT_DIR.
 
-Products nodes (``FitProducts``, ``SeriesSummary``; ``SeriesProducts`` in :mod:`.series`) call
-the plain functions of :mod:`vaemap_bids.outputs` and write their files in the node's folder at
-the paths of the derivatives table; ``DerivativesSink`` (always run, like niworkflows'
-DerivativesDataSink) copies them into OUTPUT_DIR atomically, in order, so a rerun restores
-deleted outputs from the cached products and the record written last marks completeness.
+Products nodes (``SeriesProducts``, ``FitProducts``, ``SeriesSummary``) call the plain functions
+of :mod:`vaemap_bids.outputs` and write their files in the node's folder at the paths of the
+derivatives table; ``DerivativesSink`` (always run, like niworkflows' DerivativesDataSink)
+copies them into OUTPUT_DIR atomically, in order, so a rerun restores deleted outputs from the
+cached products and the record written last marks completeness.
 """
 from __future__ import annotations
 
@@ -18,37 +18,80 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
                                     traits)
 
 from ..atomic import copy_file_atomic
-from ..outputs.products import Product, fit_products, write_products
+from ..outputs.products import Product, fit_products, series_products, write_products
 from ..outputs.records import series_summary, summary_output
-from .series import _ProductsOutputSpec
 
 
-class _FitProductsInputSpec(BaseInterfaceInputSpec):
-    fit_file = File(exists=True, mandatory=True)
-    record_file = File(exists=True, mandatory=True)
+class _ProductsOutputSpec(TraitedSpec):
+    out_root = traits.Str(desc="folder holding the products at their OUTPUT_DIR paths")
+    out_files = traits.List(File(exists=True), desc="the products, in writing order")
+
+
+class _ProductsInterface(SimpleInterface):
+    """Writes what :meth:`products` returns under ``<node dir>/derivatives``."""
+
+    output_spec = _ProductsOutputSpec
+
+    def products(self) -> tuple[list[Product], object]:
+        """The products and the image (or header) whose grid they are on."""
+        raise NotImplementedError
+
+    def _run_interface(self, runtime):
+        products, reference = self.products()
+        root = os.path.join(runtime.cwd, "derivatives")
+        self._results["out_root"] = root
+        self._results["out_files"] = [str(p) for p in write_products(products, root, reference)]
+        return runtime
+
+
+def _load_mask(path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    img = nib.load(path)
+    return np.asanyarray(img.dataobj) > 0, img
+
+
+class _OnGridInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="grid, header and voxel order of the rows")
     entities = traits.Dict(mandatory=True, desc="the series' entities")
-    sources = traits.List(traits.Str, value=[], usedefault=True)
+    sources = traits.List(traits.Str, value=[], usedefault=True, desc="BIDS URIs of the inputs")
 
 
-class FitProducts(SimpleInterface):
+class _SeriesProductsInputSpec(_OnGridInputSpec):
+    signals_file = File(exists=True, mandatory=True, desc="for the valid rows")
+    mask_info = traits.Dict(mandatory=True)
+
+
+class SeriesProducts(_ProductsInterface):
+    """The brain mask and validity mask derivatives."""
+
+    input_spec = _SeriesProductsInputSpec
+
+    def products(self):
+        mask, img = _load_mask(self.inputs.mask_file)
+        with np.load(self.inputs.signals_file) as data:
+            valid = np.zeros(mask.shape, dtype=bool)
+            valid[mask] = data["valid"]
+        info = self.inputs.mask_info
+        return series_products(self.inputs.entities, mask, valid, info["source"],
+                               info["excluded"], list(self.inputs.sources)), img
+
+
+class _FitProductsInputSpec(_OnGridInputSpec):
+    fit_file = File(exists=True, mandatory=True)
+    record_file = File(exists=True, mandatory=True)
+
+
+class FitProducts(_ProductsInterface):
     """Every derivative of one fit (maps, std, NRMSE, clusters, latent, fit record)."""
 
     input_spec = _FitProductsInputSpec
-    output_spec = _ProductsOutputSpec
 
-    def _run_interface(self, runtime):
-        img = nib.load(self.inputs.mask_file)
-        mask = np.asanyarray(img.dataobj) > 0
+    def products(self):
+        mask, img = _load_mask(self.inputs.mask_file)
         with np.load(self.inputs.fit_file) as fit:
             arrays = {k: fit[k] for k in fit.files}
         record = json.loads(Path(self.inputs.record_file).read_text())
-        products = fit_products(arrays, record, self.inputs.entities, mask, img.affine,
-                                list(self.inputs.sources))
-        root = os.path.join(runtime.cwd, "derivatives")
-        self._results["out_root"] = root
-        self._results["out_files"] = [str(p) for p in write_products(products, root, img)]
-        return runtime
+        return fit_products(arrays, record, self.inputs.entities, mask, img.affine,
+                            list(self.inputs.sources)), img
 
 
 class _SeriesSummaryInputSpec(BaseInterfaceInputSpec):
@@ -64,24 +107,18 @@ class _SeriesSummaryInputSpec(BaseInterfaceInputSpec):
     started = traits.Str(mandatory=True)
 
 
-class SeriesSummary(SimpleInterface):
+class SeriesSummary(_ProductsInterface):
     """``<prefix>_summary.json``: what ran on which inputs, for the reports."""
 
     input_spec = _SeriesSummaryInputSpec
-    output_spec = _ProductsOutputSpec
     _always_run = True
 
-    def _run_interface(self, runtime):
+    def products(self):
         i = self.inputs
         summary = series_summary(i.plan, list(i.methods), dict(i.mask_info), list(i.fit_records),
                                  i.output_dir, device=i.device, seed=i.seed, validator=i.validator,
                                  started=i.started)
-        root = os.path.join(runtime.cwd, "derivatives")
-        out = summary_output(i.plan["series"]["entities"])
-        self._results["out_root"] = root
-        self._results["out_files"] = [str(p) for p in write_products([Product(out, summary)],
-                                                                     root, None)]
-        return runtime
+        return [Product(summary_output(i.plan["series"]["entities"]), summary)], None
 
 
 class _SinkInputSpec(BaseInterfaceInputSpec):

@@ -1,8 +1,5 @@
-"""The Nipype interfaces of one DWI series before the fits: ``PrepareSeries`` (the brain mask and
-the b0-normalised signals, one pass over the image) and ``SeriesProducts`` (mask derivatives).
-
-They only move files in and out of :mod:`vaemap_bids.dataset.signals` and
-:mod:`vaemap_bids.outputs.products`.
+"""``PrepareSeries``: the brain mask and the b0-normalised signals of one DWI series, from one
+pass over the image; it only moves files in and out of :mod:`vaemap_bids.dataset.signals`.
 """
 from __future__ import annotations
 
@@ -16,7 +13,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 from ..dataset.gradients import load_acquisition
 from ..dataset.image import load_scan
 from ..dataset.signals import prepare_series
-from ..outputs.products import image_like, series_products, write_products
+from ..outputs.products import image_like
 
 
 class _PrepareSeriesInputSpec(BaseInterfaceInputSpec):
@@ -60,38 +57,4 @@ class PrepareSeries(SimpleInterface):
             "n_valid": int(prepared.valid.sum()),
             "volume_ml": round(n * info.voxel_volume_ml, 3),
             "excluded": prepared.excluded})
-        return runtime
-
-
-class _SeriesProductsInputSpec(BaseInterfaceInputSpec):
-    mask_file = File(exists=True, mandatory=True)
-    signals_file = File(exists=True, mandatory=True, desc="for the valid rows")
-    mask_info = traits.Dict(mandatory=True)
-    entities = traits.Dict(mandatory=True, desc="the series' entities")
-    sources = traits.List(traits.Str, value=[], usedefault=True)
-
-
-class _ProductsOutputSpec(TraitedSpec):
-    out_root = traits.Str(desc="folder holding the products at their OUTPUT_DIR paths")
-    out_files = traits.List(File(exists=True), desc="the products, in writing order")
-
-
-class SeriesProducts(SimpleInterface):
-    """The brain mask and validity mask derivatives (written in the node's folder)."""
-
-    input_spec = _SeriesProductsInputSpec
-    output_spec = _ProductsOutputSpec
-
-    def _run_interface(self, runtime):
-        img = nib.load(self.inputs.mask_file)
-        mask = np.asanyarray(img.dataobj) > 0
-        with np.load(self.inputs.signals_file) as data:
-            valid = np.zeros(mask.shape, dtype=bool)
-            valid[mask] = data["valid"]
-        info = self.inputs.mask_info
-        products = series_products(self.inputs.entities, mask, valid, info["source"],
-                                   info["excluded"], list(self.inputs.sources))
-        root = os.path.join(runtime.cwd, "derivatives")
-        self._results["out_root"] = root
-        self._results["out_files"] = [str(p) for p in write_products(products, root, img)]
         return runtime

@@ -76,13 +76,6 @@ def msdki_outside_validity(msd, msk, b_max_smm2: float) -> int:
     return int(np.count_nonzero(b_max_smm2 * 1e-3 * d[ok] * k[ok] >= 3.0))
 
 
-def at_bound(values, lo: float, hi: float, rel_tol: float = 1e-3) -> np.ndarray:
-    """Finite values within ``rel_tol`` of the range of either bound."""
-    v = np.asarray(values, dtype=np.float64)
-    tol = rel_tol * (hi - lo)
-    return np.isfinite(v) & ((v <= lo + tol) | (v >= hi - tol))
-
-
 def agreement(reference, estimate) -> dict:
     """Bland-Altman and correlation numbers of ``estimate`` against ``reference`` over voxels
     where both are finite: n, Pearson r, bias (mean of estimate - reference) and the 95 % limits

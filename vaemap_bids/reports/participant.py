@@ -17,7 +17,7 @@ from ..fitting.base import NETWORK_METHODS
 from . import figures as F
 from .. import naming
 from .collect import VAE_METHODS, Series, find_series, sort_methods
-from .metrics import (agreement, angular_difference_deg, at_bound, finite, median_iqr,
+from .metrics import (agreement, angular_difference_deg, finite, median_iqr,
                       msdki_b_max, msdki_outside_validity, per_label_median_iqr)
 from ..atomic import write_text_atomic as write_text
 from .render import render
@@ -196,14 +196,8 @@ class _SeriesReport:
         for m in methods:
             rec = self.s.fit_record(model, m) or {}
             v = finite(nrmse[m][self.mask]) if nrmse[m] is not None else np.empty(0)
-            n_bound = rec.get("n_at_bound")
-            if n_bound is None and all(maps[p.label][m] is not None for p in scalars):
-                hit = np.zeros(int(self.mask.sum()), bool)
-                for p in scalars:
-                    hit |= at_bound(maps[p.label][m][self.mask], p.lo, p.hi)
-                n_bound = int(hit.sum())
             row = [m, _fmt(np.median(v) if v.size else None), _fmt(v.mean() if v.size else None),
-                   _fmt(rec.get("n_invalid")), _fmt(n_bound)]
+                   _fmt(rec.get("n_invalid")), _fmt(rec.get("n_at_bound"))]
             if model == "msdki":
                 d, k = maps.get("msd", {}).get(m), maps.get("msk", {}).get(m)
                 row.append(_fmt(msdki_outside_validity(d[self.mask], k[self.mask], b_max))

@@ -21,9 +21,9 @@ from ..config import Config
 from ..dataset.bids import SeriesPlan
 from ..fitting import NETWORK_METHODS
 from ..fitting.options import options_for
-from ..interfaces.derivatives import DerivativesSink, FitProducts, SeriesSummary
+from ..interfaces.derivatives import DerivativesSink, FitProducts, SeriesProducts, SeriesSummary
 from ..interfaces.fitting import FitModel
-from ..interfaces.series import PrepareSeries, SeriesProducts
+from ..interfaces.series import PrepareSeries
 
 
 def series_workflow_name(plan: SeriesPlan) -> str:
