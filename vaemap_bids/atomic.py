@@ -2,9 +2,12 @@
 
 Every file vaemap writes goes through here, so that a crash, a full disk or an interrupt never
 leaves a half-written output where a user (or a resumed run) would take it for a complete one.
+Temporary files are named ``.<name>.<random>.vaemap-tmp``: no tool that globs ``*.nii.gz``
+takes one for an image, and :func:`remove_stale_temporaries` finds the ones a killed run left.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import tempfile
@@ -14,13 +17,14 @@ import nibabel as nib
 import numpy as np
 
 
+TEMP_SUFFIX = ".vaemap-tmp"
+
+
 def _replace_from_temp(path, write) -> Path:
     """Call ``write(temp_path)``, then move the temporary file onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # keep the extension so that writers choosing a format by name (nibabel) see the real one
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -58,8 +62,25 @@ def write_json_atomic(path, obj) -> Path:
 
 
 def write_nifti_atomic(path, img: nib.Nifti1Image) -> Path:
-    """nibabel writes gzip with mtime 0, so identical images give identical bytes."""
-    return _replace_from_temp(path, lambda tmp: nib.save(img, tmp))
+    """The image's bytes, gzipped (mtime 0, nibabel's level 1) when the name ends in .gz, so
+    identical images give identical files."""
+    data = img.to_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    return write_bytes_atomic(path, data)
+
+
+def write_npz_if_changed(path, **arrays) -> Path:
+    """An uncompressed ``.npz``, rewritten only when its content changes: a file whose bytes
+    stay the same keeps its timestamp, by which Nipype decides whether a node input changed."""
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    data = buf.getvalue()
+    path = Path(path)
+    if path.is_file() and path.read_bytes() == data:
+        return path
+    return write_bytes_atomic(path, data)
 
 
 def write_npz_atomic(path, **arrays) -> Path:
@@ -73,3 +94,14 @@ def copy_file_atomic(src, dst) -> Path:
     """Copy ``src`` onto ``dst`` through a temporary file in ``dst``'s folder."""
     import shutil
     return _replace_from_temp(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Delete the temporary files of writes that a killed run never finished, under ``folder``
+    (call it only while holding the folder's lock); returns how many were removed."""
+    n = 0
+    for tmp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            n += 1
+    return n

@@ -148,7 +148,7 @@ def test_graph_flags_gpu_nodes(tmp_path, bids_dir, device):
     from vaemap_bids.workflows.base import init_vaemap_wf
 
     series = collect_dwi_series(bids_dir, ["01"])
-    plans = [plan_series(s, ["msdki", "ballstick"], False, scan_dir=tmp_path) for s in series]
+    plans = [plan_series(s, ["msdki", "ballstick"], False, plan_dir=tmp_path) for s in series]
     config = Config(bids_dir=str(bids_dir), output_dir=str(tmp_path / "out"),
                     work_dir=str(tmp_path / "work"), resolved_device=device, nprocs=4,
                     omp_nthreads=2, methods=["lsq", "vaegmm"])

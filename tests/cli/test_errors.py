@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids.cli.run import main
 from vaemap_bids.simulate.phantom import write_phantom_dataset
 
@@ -137,7 +138,7 @@ def test_nonfinite_voxels_are_excluded_and_reported(capsys, ds):
     msd = nib.load(ds / "out/sub-01/dwi/sub-01_model-msdki_desc-lsq_param-msd_dwimap.nii.gz")
     assert msd.get_fdata()[centre] == 0 and (msd.get_fdata()[valid] > 0).all()
     side = json.loads((ds / "out/sub-01/dwi/sub-01_desc-valid_mask.json").read_text())
-    assert side["ExcludedVoxels"] == {"nonfinite": 2, "nonpositive_b0": 0}
+    assert side["ExcludedVoxels"] == {"nonfinite": 2, "implausible": 0, "nonpositive_b0": 0}
 
 
 def _single_shell(ds):
@@ -297,4 +298,4 @@ def test_failing_node_exits_1_with_crash_file(capsys, ds, monkeypatch):
     assert_error(code, err, 1, "the workflow failed", "crash file")
     assert list((ds / "out" / "logs").glob("crash-*"))
     assert not list((ds / "out").rglob("*_dwimap.nii.gz"))
-    assert not list((ds / "out").rglob(".*.tmp*"))
+    assert not list((ds / "out").rglob(f".*{TEMP_SUFFIX}"))

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from lxml import html as lxml_html
 
+from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids import naming
 from vaemap_bids.outputs.table import output
 from vaemap_bids.reports import metrics
@@ -343,7 +344,7 @@ def test_participant_reports_are_complete_and_offline(real_run):
         assert "Incomplete outputs" not in text
         assert "arXiv:2411.10772" in text and "Behrens" in text and "Garyfallidis" in text
         assert "Nipype" in text and "dmipy" in text and "2.13.0" in text  # torch version that ran
-        assert not list(out.glob(f"sub-{sub}/figures/*.tmp")) and not list(out.glob(".*.tmp"))
+        assert not list(out.rglob(f".*{TEMP_SUFFIX}"))
 
 
 def test_report_numbers_match_the_maps(real_run):

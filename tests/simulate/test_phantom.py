@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids.physics import Acquisition, make_model
 from vaemap_bids.simulate.phantom import (TISSUE_LABELS, ballstick_cumulants, bvec_frame,
                                           demo_acquisition, write_phantom_dataset)
@@ -83,7 +84,7 @@ def test_layout_and_files(msdki_phantom):
     for path in [*series["truth"].values(), series["mask"], series["dseg"], series["s0"]]:
         assert Path(path).is_file() and truth_dir in Path(path).parents
     assert Path(series["truth"]["msd"]).name == "sub-01_model-msdki_desc-truth_param-msd_dwimap.nii.gz"
-    assert not list(bids.rglob("*.tmp")) and not list(bids.rglob(".*.tmp"))
+    assert not list(bids.rglob(f".*{TEMP_SUFFIX}"))
 
 
 def test_signal_shape_dtype_and_gradients(msdki_phantom):

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids.cli.run import main
 from vaemap_bids.simulate.phantom import write_phantom_dataset
 
@@ -89,7 +90,7 @@ def test_exact_output_manifest(run):
     figures = {p for p in got if p.startswith("sub-01/figures/")}
     assert "sub-01.html" in got and figures, "the participant report is missing"
     assert got - figures - {"sub-01.html"} == expected_manifest()
-    assert not list(out.rglob(".*.tmp*")), "temporary files left behind"
+    assert not list(out.rglob(f".*{TEMP_SUFFIX}")), "temporary files left behind"
     assert not (out / "logs").exists() or not list((out / "logs").glob("crash-*"))
 
 
@@ -232,7 +233,7 @@ def test_resume_reruns_only_the_removed_fit(run):
     rerun = {name for name in after if after[name] != before.get(name)}
     # the sinks always run (they restore deleted outputs), and so do the summary and the merge
     # of the record paths feeding it; the refitted node's products follow it; nothing else
-    always = {"merge_records", "summary"}
+    always = {"merge_records", "summary", "summary_early"}
     assert {n for n in rerun if not n.startswith("ds_")} - always == {"fit_msdki_vaegmm",
                                                                       "products_msdki_vaegmm"}
     for method in METHODS:

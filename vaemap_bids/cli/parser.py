@@ -57,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vaemap",
         description=("Diffusion-MRI parameter maps (MS-DKI, ball-stick) with physics-informed "
                      "VAEs and baselines, as a BIDS-App."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog=exit_codes_help())
     # optional only with --config-file, which holds them (run.py checks that they are there)
     parser.add_argument("bids_dir", type=Path, metavar="BIDS_DIR", nargs="?",
@@ -97,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--input-type", "--input_type", dest="input_type",
                         choices=("bids", "hcp"), default="bids",
                         help="'hcp': BIDS_DIR is an HCP tree on disk (<id>/T1w/Diffusion/...), "
-                             "converted to BIDS in the work dir first")
+                             "converted to BIDS in the work dir first (default: bids)")
     hcp.add_argument("--hcp-profile", "--hcp_profile", dest="hcp_profile", default=None,
                      metavar="PROFILE",
                      help="AWS profile for --fetch-hcp (default: the standard AWS variables or "
@@ -111,13 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "acquisition cannot support is an error)")
     mod.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
                      default=list(METHODS),
-                     help=f"estimators, from {', '.join(METHODS)}")
+                     help=f"estimators, from {', '.join(METHODS)} (default: all)")
     mod.add_argument("--config", dest="config_file", type=Path, metavar="HYPERPARAMS.yaml",
                      help="YAML overriding estimator hyper-parameters: {method or "
                           "method@model: {option: value}} (defaults: "
                           "vaemap_bids/data/hyperparameters.yaml)")
     mod.add_argument("--seed", type=_nonnegative_int, default=0,
-                     help="random seed of every estimator (same seed and device, same maps)")
+                     help="random seed of every estimator (same seed and device, same maps; "
+                          "default: 0)")
 
     perf = parser.add_argument_group("resources and execution")
     perf.add_argument("-w", "--work-dir", "--work_dir", dest="work_dir", type=Path,
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: ./work, as fMRIPrep)")
     perf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                       help="torch device of the fits; 'cuda' without a GPU exits 75 (no "
-                           "fall-back); 'auto' uses a GPU when PyTorch sees one")
+                           "fall-back); 'auto' uses a GPU when PyTorch sees one (default: auto)")
     perf.add_argument("--nprocs", "--n-cpus", "--nthreads", dest="nprocs", type=_positive_int,
                       default=None, help="processes Nipype runs at once (default: all CPUs)")
     perf.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads",

@@ -7,8 +7,13 @@ All input checks run before the graph is built, so a bad input never leaves part
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +24,26 @@ from ..config import Config, ExitCode, VaemapError
 from .parser import ANALYSIS_LEVELS, UsageError, parse_args
 
 log = logging.getLogger("vaemap")
+#: Warn when more than this fraction of a fit's voxels sit at a bound of a parameter's range.
+AT_BOUND_WARNING = 0.5
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what a scheduler sends at a time limit), raised in the main thread."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
 
 
 def main(argv=None) -> int:
-    """Run ``vaemap`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run ``vaemap`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    SIGINT and SIGTERM stop the run cleanly: the worker processes are stopped, no secret was
+    ever on disk, completed outputs stay complete (they are written atomically) and a rerun
+    with the same work dir resumes; the exit code is 128 + the signal number."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no Nipype telemetry call
+    previous = signal.signal(signal.SIGTERM, _terminate)
     verbosity = 0
     try:
         try:
@@ -38,9 +58,14 @@ def main(argv=None) -> int:
             log.exception("details")
         print(f"vaemap: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("vaemap: interrupted; rerun with the same work dir to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        for child in multiprocessing.active_children():  # Nipype's MultiProc workers
+            child.terminate()
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"vaemap: {what}; rerun with the same work dir to resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def setup_logging(verbosity: int) -> None:
@@ -212,12 +237,12 @@ def plan_all(config: Config):
     except ValueError as exc:
         raise VaemapError(str(exc), ExitCode.DATAERR) from None
 
-    scan_dir = Path(config.work_dir) / "scans"
+    plan_dir = Path(config.work_dir) / "plans"
 
     def check(one):
         try:
             return plan_series(one, config.models, config.models_explicit, config.derivatives,
-                               scan_dir=scan_dir)
+                               plan_dir=plan_dir)
         except FileNotFoundError as exc:
             return VaemapError(str(exc).strip("'\""), ExitCode.NOINPUT)
         except ValueError as exc:
@@ -301,8 +326,9 @@ def run_group_level(config: Config) -> int:
         raise VaemapError(f"{output_dir}: OUTPUT_DIR holds no participant outputs (run the "
                           "participant level first)", ExitCode.NOINPUT)
     _ensure_writable_dir(output_dir, "output dir")
-    code = run_group(output_dir, bids_dir=config.bids_dir,
-                     participant_labels=config.participant_label or None)
+    with folder_lock(output_dir / "logs", "output dir"):
+        code = run_group(output_dir, bids_dir=config.bids_dir,
+                         participant_labels=config.participant_label or None)
     report = output_dir / "group.html"
     if code == ExitCode.OK:
         log.info("group report: %s", report)
@@ -315,30 +341,112 @@ def run_group_level(config: Config) -> int:
     return code
 
 
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str):
+    """Hold an advisory lock on ``folder/.vaemap.lock`` for the duration; a second vaemap run
+    on the same folder exits 75 at once (the lock goes with the process, even on SIGKILL)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".vaemap.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise VaemapError(f"{folder}: another vaemap run (pid {holder}) is using this {what}; "
+                          "wait for it to finish, or use another one", ExitCode.TEMPFAIL) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def check_output_dataset(config: Config) -> None:
+    """OUTPUT_DIR may only be empty or a vaemap derivatives dataset of this version and seed:
+    never a raw dataset (it would be overwritten), and never a mix of seeds or versions whose
+    sidecars would disagree with its dataset_description.json."""
+    path = Path(config.output_dir) / "dataset_description.json"
+    if not path.is_file():
+        return
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise VaemapError(f"{path}: not readable JSON ({exc})", ExitCode.USAGE) from None
+    if desc.get("DatasetType", "raw") != "derivative":
+        raise VaemapError(f"{config.output_dir}: holds a raw BIDS dataset (its "
+                          "dataset_description.json has no DatasetType 'derivative'); choose "
+                          "another OUTPUT_DIR", ExitCode.USAGE)
+    generated = (desc.get("GeneratedBy") or [{}])[0]
+    name, version = generated.get("Name"), generated.get("Version")
+    if name != "vaemap":
+        who = name or "another pipeline"
+        raise VaemapError(f"{config.output_dir}: holds derivatives of {who}; choose another "
+                          "OUTPUT_DIR", ExitCode.USAGE)
+    seed = (desc.get("vaemap") or {}).get("seed")
+    if seed is not None and int(seed) != config.seed:
+        raise VaemapError(f"{config.output_dir}: holds vaemap outputs of --seed {seed}; rerun "
+                          f"with --seed {seed} to add to them, or choose another OUTPUT_DIR",
+                          ExitCode.USAGE)
+    if version != __version__:
+        raise VaemapError(f"{config.output_dir}: holds outputs of vaemap {version}, this is "
+                          f"{__version__}; choose another OUTPUT_DIR", ExitCode.USAGE)
+
+
 def run_participant_level(config: Config, status_callback=None, resource_monitor: bool = False):
     """Every check, then the graph. ``status_callback`` and ``resource_monitor`` are for
     benchmarks (Nipype's per-node callback; its resource monitor needs psutil)."""
     resolve_device(config)
-    _ensure_writable_dir(Path(config.output_dir), "output dir")
     _ensure_writable_dir(Path(config.work_dir), "work dir")
+    with folder_lock(Path(config.work_dir), "work dir"):
+        return _participant_level(config, status_callback, resource_monitor)
 
+
+def _participant_level(config: Config, status_callback, resource_monitor):
+    """Every input check (nothing is written into OUTPUT_DIR before they all pass), then the
+    graph, holding OUTPUT_DIR's lock."""
+    check_output_dataset(config)
+    warnings = []
     if config.skip_bids_validation:
         config.validator = "skipped (--skip-bids-validation)"
     else:
         from ..dataset.bids import ValidationFailed, validate_dataset
         try:
-            config.validator = validate_dataset(config.bids_dir, config.work_dir)
+            report = validate_dataset(config.bids_dir, config.work_dir)
         except ValidationFailed as exc:
             raise VaemapError(str(exc), ExitCode.VALIDATION) from None
+        config.validator, warnings = report.validator, report.warnings
     plans = plan_all(config)
     for plan in plans:
         for model, decision in plan.models.items():
             if not decision.runs:
                 log.info("%s: %s skipped: %s", plan.series.prefix, model, decision.reason)
+    if not any(plan.models_to_run() for plan in plans):
+        first = plans[0]
+        reasons = "; ".join(f"{m}: {d.reason}" for m, d in first.models.items())
+        raise VaemapError(f"{first.series.dwi}: no model can run on the selected data, so "
+                          f"nothing would be produced ({reasons})", ExitCode.DATAERR)
 
+    out_dir = Path(config.output_dir)
+    _ensure_writable_dir(out_dir, "output dir")
+    with folder_lock(out_dir / "logs", "output dir"):
+        return _run_graph(config, plans, warnings, status_callback, resource_monitor)
+
+
+def _run_graph(config: Config, plans, warnings, status_callback, resource_monitor):
+    from ..atomic import remove_stale_temporaries, write_json_atomic
     from ..outputs.sidecars import write_dataset_files
+    out_dir = Path(config.output_dir)
     try:
+        removed = remove_stale_temporaries(out_dir)
+        if removed:
+            log.info("removed %d temporary files an interrupted run left in %s", removed, out_dir)
         write_dataset_files(config.output_dir, config.seed, config.bids_dir)
+        if warnings:
+            listed = write_json_atomic(out_dir / "logs" / "bids-validator-warnings.json",
+                                       {"validator": config.validator, "warnings": warnings})
+            log.info("the BIDS validator gave %d warnings, listed in %s", len(warnings), listed)
         toml = config.write_toml(config.toml_path())
     except OSError as exc:
         raise VaemapError(f"cannot write the output dataset files ({exc})", ExitCode.CANTCREAT) from None
@@ -352,8 +460,12 @@ def run_participant_level(config: Config, status_callback=None, resource_monitor
     try:
         run_vaemap_wf(wf, config, status_callback=status_callback)
     except Exception as exc:  # MultiProc raises RuntimeError; Linear re-raises the node's error
-        raise VaemapError(_workflow_failure(exc, Path(config.output_dir) / "logs"),
-                          ExitCode.FAILURE) from exc
+        failure = VaemapError(_workflow_failure(exc, out_dir / "logs"), ExitCode.FAILURE)
+        try:  # the fits that finished keep their report
+            finish_participants(config, plans)
+        except VaemapError as report_error:
+            log.warning("%s", report_error)
+        raise failure from exc
     finish_participants(config, plans)
     return plans
 
@@ -374,10 +486,23 @@ def finish_participants(config: Config, plans) -> None:
     from .. import naming
     from ..reports.participant import generate_participant_report
 
+    from ..outputs.table import output
     for plan in plans:
         sub_dir = Path(config.output_dir) / naming.subject_dir(plan.series.entities)
         log.info("%s: maps in %s, run records in %s", plan.series.prefix, sub_dir / "dwi",
                  sub_dir / "log")
+        for model in plan.models_to_run():
+            for method in config.methods:
+                path = Path(config.output_dir) / output("fit_record", plan.series.entities,
+                                                        model=model, method=method).path
+                if not path.is_file():
+                    continue
+                record = json.loads(path.read_text())
+                n, at_bound = record.get("n_voxels") or 0, record.get("n_at_bound") or 0
+                if n and at_bound > AT_BOUND_WARNING * n:
+                    log.warning("%s %s/%s: %.0f %% of the voxels have a parameter at a bound of "
+                                "its range: is the signal constant, or the model wrong for these "
+                                "data?", plan.series.prefix, model, method, 100 * at_bound / n)
     for subject in sorted({plan.series.entities["subject"] for plan in plans}):
         try:
             generate_participant_report(config.output_dir, subject, bids_dir=config.bids_dir)

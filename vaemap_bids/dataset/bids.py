@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .. import naming
+from ..atomic import write_npz_if_changed
 from ..physics import Acquisition, get_model_class
 from .gradients import load_acquisition
 from .image import scan_image
@@ -36,7 +41,11 @@ class NoMatchingData(LookupError):
 class ValidationReport:
     validator: str                  # e.g. "bids-validator-deno 3.0.2 (schema 1.2.7)"
     errors: list[dict] = field(default_factory=list)
-    n_warnings: int = 0
+    warnings: list[dict] = field(default_factory=list)
+
+    @property
+    def n_warnings(self) -> int:
+        return len(self.warnings)
 
     def first_errors(self, n: int = 3) -> str:
         parts = [f"{e.get('code')} {e.get('location') or ''}".strip() for e in self.errors[:n]]
@@ -90,7 +99,7 @@ def run_bids_validator(bids_dir, scratch_dir=None, timeout_s: float = 1800) -> V
     schema = (result.get("summary") or {}).get("schemaVersion")
     name = f"bids-validator-deno {_deno_validator_version()}" + (f" (schema {schema})" if schema else "")
     errors = [i for i in issues if i.get("severity") == "error"]
-    return ValidationReport(name, errors, sum(i.get("severity") == "warning" for i in issues))
+    return ValidationReport(name, errors, [i for i in issues if i.get("severity") == "warning"])
 
 
 def pybids_validation(bids_dir) -> ValidationReport:
@@ -108,8 +117,9 @@ def pybids_validation(bids_dir) -> ValidationReport:
     return ValidationReport(name)
 
 
-def validate_dataset(bids_dir, scratch_dir=None) -> str:
-    """Validate the input dataset; returns the validator's name, raises ValidationFailed."""
+def validate_dataset(bids_dir, scratch_dir=None) -> ValidationReport:
+    """Validate the input dataset; returns the report (validator, warnings), raises
+    ValidationFailed."""
     report = run_bids_validator(bids_dir, scratch_dir)
     if report is None:
         report = pybids_validation(bids_dir)
@@ -118,7 +128,7 @@ def validate_dataset(bids_dir, scratch_dir=None) -> str:
                                f"{len(report.errors)} error(s): {report.first_errors()}; fix the "
                                "dataset or use --skip-bids-validation")
     log.info("BIDS validation passed (%s, %d warnings)", report.validator, report.n_warnings)
-    return report.validator
+    return report
 
 
 # ---- discovery -------------------------------------------------------------------------------
@@ -138,12 +148,59 @@ class DwiSeries:
         return naming.prefix(self.entities)
 
 
+#: A BIDS DWI file name: key-label pairs of letters and digits, then the suffix.
+_DWI_NAME = re.compile(r"^sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*_dwi\.nii(?:\.gz)?$")
+_SUBJECT_DIR = re.compile(r"^sub-[A-Za-z0-9]+$")
+
+
+def symlink_cycles(root) -> list[Path]:
+    """Symbolic links under ``root`` that lead back to a folder above them (following them would
+    never end); found without following any link twice."""
+    found: list[Path] = []
+
+    def walk(folder: str, ancestors: frozenset) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if not entry.is_dir(follow_symlinks=True):
+                    continue
+            except OSError:
+                continue
+            real = os.path.realpath(entry.path)
+            if real in ancestors:
+                found.append(Path(entry.path))
+            else:
+                walk(entry.path, ancestors | {real})
+
+    walk(str(root), frozenset({os.path.realpath(root)}))
+    return found
+
+
 def _layout(bids_dir):
+    """pybids' index of the dataset, leaving out what must not be followed or read: symbolic
+    link cycles and ``sub-*`` folders whose label is not a BIDS label (each with a warning)."""
     from bids import BIDSLayout
     from bids.exceptions import BIDSValidationError
+    from bids.layout.index import BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    root = Path(bids_dir)
+    skip = symlink_cycles(root)
+    for link in skip:
+        log.warning("%s: a symbolic link back to %s (a cycle): not followed", link,
+                    os.path.realpath(link))
+    for folder in sorted(root.glob("sub-*")):
+        if folder.is_dir() and not _SUBJECT_DIR.match(folder.name):
+            log.warning("%s: not a BIDS subject folder (labels are letters and digits): ignored",
+                        folder)
+            skip.append(folder)
+    indexer = BIDSLayoutIndexer(ignore=list(DEFAULT_LOCATIONS_TO_IGNORE) + skip)
     try:
         # validate=False: validation is a separate, explicit step (the real validator or pybids')
-        return BIDSLayout(str(bids_dir), validate=False)
+        return BIDSLayout(str(bids_dir), validate=False, indexer=indexer)
     except BIDSValidationError as exc:
         raise ValueError(f"{bids_dir}: {str(exc).splitlines()[0]}") from None
 
@@ -176,6 +233,9 @@ def collect_dwi_series(bids_dir, participant_labels=None, session_labels=None) -
         raise NoMatchingData(f"{bids_dir}: no DWI series (*_dwi.nii[.gz]) found for {who}")
     series: list[DwiSeries] = []
     for bids_file in sorted(files, key=lambda f: f.path):
+        if not _DWI_NAME.match(Path(bids_file.path).name):
+            raise ValueError(f"{bids_file.path}: not a BIDS file name (entities are key-label "
+                             "pairs of letters and digits joined by '_')")
         ents = bids_file.get_entities()
         entities = {k: str(ents[k]) for k in SERIES_ENTITIES if ents.get(k) not in (None, "")}
         bval = layout.get_nearest(bids_file.path, suffix="dwi", extension=".bval", all_=False)
@@ -258,7 +318,9 @@ class SeriesPlan:
     n_volumes: int
     mask_file: str | None
     models: dict[str, ModelDecision]
-    scan_file: str              # the planning pass's mean b0 etc. (see dataset.image.ImageScan)
+    arrays_file: str            # the brain mask and the volumes kept (npz), for the graph
+    mask_source: str            # "given: <path>" or how the mask was computed
+    excluded_volumes: dict = field(default_factory=dict)   # {"index": why}
 
     def models_to_run(self) -> list[str]:
         return [m for m, d in self.models.items() if d.runs]
@@ -286,41 +348,77 @@ def decide_models(acq: Acquisition, models, explicit: bool) -> dict[str, ModelDe
     return decisions
 
 
+#: A computed brain mask smaller than this fraction of the image is worth a look.
+SMALL_MASK_FRACTION = 0.2
+
+
 def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dirs=(), *,
-                scan_dir) -> SeriesPlan:
-    """Check one series end to end (gradient table, header and the whole image stream in one
-    open, the given mask) and decide its models. The planning pass's scan is saved in
-    ``scan_dir`` for the graph, so the image is decoded only once more. Raises
-    FileNotFoundError / ValueError naming the file."""
+                plan_dir) -> SeriesPlan:
+    """Check one series end to end before any graph is built: the gradient table, the header
+    and the whole image stream (one open), the brain mask (given, or median_otsu on the mean
+    b0), dead or outlier volumes (left out, with a warning), and which models can run on what
+    is left. The mask and the volumes kept are saved in ``plan_dir`` for the graph, so the image
+    is decoded only once more. Raises FileNotFoundError / ValueError naming the file."""
+    from .masking import brain_mask
+    from .quality import find_bad_volumes
+
     for path, what in ((series.bval, "bval"), (series.bvec, "bvec")):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: {what} file not found for {series.dwi}")
     acq = load_acquisition(series.bval, series.bvec)
+    if acq.bvals.max() < acq.b0_threshold:
+        raise ValueError(f"{series.bval}: all b-values are below {acq.b0_threshold * 1e3:.0f} "
+                         f"s/mm^2 (the largest is {acq.bvals.max() * 1e3:g}): are they in "
+                         "ms/um^2? BIDS .bval files are in s/mm^2")
     try:
-        decisions = decide_models(acq, models, explicit_models)
+        decide_models(acq, models, explicit_models)  # fail fast, before reading the image
     except ValueError as exc:
         raise ValueError(f"{series.dwi}: {exc}") from None
     scan = scan_image(series.dwi, acq)
     info = scan.info
     n_nonfinite = int(scan.nonfinite.sum())
     if n_nonfinite:
-        log.warning("%s: %d voxels have NaN/Inf values; they are excluded from the mask",
+        log.warning("%s: %d voxels have NaN/Inf values; they are excluded from the fits",
                     series.dwi, n_nonfinite)
     mask_file = find_derivative_mask(derivative_dirs, series.entities)
     if mask_file is not None:
-        from .masking import load_mask
-        load_mask(mask_file, info.shape, info.affine)
         log.info("%s: using the given mask %s", series.prefix, mask_file)
     elif derivative_dirs:
         log.info("%s: no desc-brain_mask in %s; computing one with median_otsu",
                  series.prefix, ", ".join(str(d) for d in derivative_dirs))
+    try:
+        mask, mask_source = brain_mask(scan.mean_b0, info, mask_file)
+    except ValueError as exc:
+        where = mask_file or series.dwi
+        raise ValueError(f"{where}: {str(exc).removeprefix(f'{where}: ')}") from None
+    fraction = float(mask.mean())
+    if mask_file is None and fraction < SMALL_MASK_FRACTION:
+        log.warning("%s: the median_otsu brain mask covers only %.0f %% of the image; check it "
+                    "in the report (or give a mask with --derivatives)", series.prefix,
+                    100 * fraction)
+    bad = find_bad_volumes(scan.thumbnails, scan.block, mask, acq)
+    keep = np.ones(acq.n_volumes, dtype=bool)
+    keep[list(bad)] = False
+    for index, why in bad.items():
+        log.warning("%s: volume %d (b = %g s/mm^2) left out: %s", series.dwi, index,
+                    acq.bvals[index] * 1e3, why)
+    if not keep[acq.b0_mask].any():
+        raise ValueError(f"{series.dwi}: no usable b0 volume is left to normalise by (every "
+                         "b0 volume is dead or an outlier)")
+    kept = acq.subset(keep)
+    try:
+        decisions = decide_models(kept, models, explicit_models)
+    except ValueError as exc:
+        raise ValueError(f"{series.dwi}: {exc} (after leaving out {len(bad)} bad volumes)") \
+            from None
     if not any(d.runs for d in decisions.values()):
         log.warning("%s: no model can run on this acquisition (%s)", series.prefix,
                     "; ".join(f"{m}: {d.reason}" for m, d in decisions.items()))
-    scan_file = str(Path(scan_dir) / f"{series.prefix}_scan.npz")
-    scan.save(scan_file)
-    return SeriesPlan(series, tuple(info.shape), tuple(info.zooms), acq.shell_table(),
-                      acq.n_volumes, mask_file, decisions, scan_file)
+    arrays_file = str(Path(plan_dir) / f"{series.prefix}_plan.npz")
+    write_npz_if_changed(arrays_file, mask=mask, keep=keep)
+    return SeriesPlan(series, tuple(info.shape), tuple(info.zooms), kept.shell_table(),
+                      kept.n_volumes, mask_file, decisions, arrays_file, mask_source,
+                      {str(i): why for i, why in bad.items()})
 
 
 __all__ = ["ValidationFailed", "NoMatchingData", "validate_dataset",

@@ -170,26 +170,6 @@ class ImageScan:
     thumbnails: np.ndarray     # (t, x', y', z') float32 block means of each volume
     block: int                 # edge of the thumbnails' blocks in voxels
 
-    def save(self, path) -> None:
-        """An ``.npz`` for the graph's PrepareSeries node (the image is not decoded for this)."""
-        from ..atomic import write_bytes_atomic
-        import io
-        buf = io.BytesIO()
-        np.savez(buf, mean_b0=self.mean_b0, nonfinite=self.nonfinite,
-                 thumbnails=self.thumbnails, block=np.int64(self.block))
-        data = buf.getvalue()
-        path = Path(path)
-        # unchanged content keeps its timestamp, so that Nipype's hash of the file (by mtime)
-        # lets a rerun resume instead of recomputing everything downstream
-        if path.is_file() and path.read_bytes() == data:
-            return
-        write_bytes_atomic(path, data)
-
-
-def load_scan(path) -> dict:
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
-
 
 def _block_means(vol: np.ndarray, block: int) -> np.ndarray:
     if block == 1:

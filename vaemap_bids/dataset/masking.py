@@ -37,7 +37,8 @@ def compute_brain_mask(mean_b0: np.ndarray, voxel_size_mm=(2.0, 2.0, 2.0),
     if exclude is not None:
         mask &= ~np.asarray(exclude, dtype=bool)
     if not mask.any():
-        raise ValueError("median_otsu found no brain voxel in the mean b0")
+        raise ValueError("median_otsu found no brain voxel in the mean b0 (is the image "
+                         "constant?); give a brain mask with --derivatives")
     return mask
 
 
@@ -73,3 +74,13 @@ def mask_image(mask: np.ndarray, affine: np.ndarray, header=None) -> nib.Nifti1I
         img.header.set_xyzt_units(*header.get_xyzt_units())
     img.set_data_dtype(np.uint8)
     return img
+
+
+def brain_mask(mean_b0: np.ndarray, info, given_mask=None) -> tuple[np.ndarray, str]:
+    """The given mask (checked against the grid of ``info``, a header's ImageInfo) or dipy's
+    median_otsu on the mean b0, and a sentence saying which."""
+    if given_mask:
+        return load_mask(given_mask, info.shape, info.affine), f"given: {given_mask}"
+    mask = compute_brain_mask(mean_b0, info.zooms)
+    return mask, (f"dipy median_otsu on the mean b0 (median radius {median_radius(info.zooms)} "
+                  f"voxels, {NUMPASS} passes)")

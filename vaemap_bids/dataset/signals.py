@@ -11,7 +11,6 @@ import numpy as np
 
 from ..physics import Acquisition, normalise_by_b0
 from .image import ImageInfo, open_image
-from .masking import NUMPASS, compute_brain_mask, load_mask, median_radius
 
 
 @dataclass
@@ -23,8 +22,9 @@ class PreparedSeries:
     mask_source: str
     signals: np.ndarray        # (N, T) float32 S/S0; NaN rows where ``valid`` is False
     s0: np.ndarray             # (N,) float32 mean b0 (raw image units)
-    valid: np.ndarray          # (N,) bool: finite input and a positive mean b0
-    excluded: dict             # {"nonfinite": n, "nonpositive_b0": n} voxels of the mask
+    valid: np.ndarray          # (N,) bool: finite, plausible input and a positive mean b0
+    excluded: dict             # {"nonfinite": n, "implausible": n, "nonpositive_b0": n}
+    acquisition: Acquisition   # the volumes kept (the signals' columns)
 
     @property
     def valid_volume(self) -> np.ndarray:
@@ -34,37 +34,51 @@ class PreparedSeries:
         return out
 
 
-def brain_mask(mean_b0: np.ndarray, info: ImageInfo, given_mask=None) -> tuple[np.ndarray, str]:
-    """The given mask (checked against the grid) or dipy's median_otsu on the mean b0."""
-    if given_mask:
-        return load_mask(given_mask, info.shape, info.affine), f"given: {given_mask}"
-    mask = compute_brain_mask(mean_b0, info.zooms)
-    return mask, (f"dipy median_otsu on the mean b0 (median radius {median_radius(info.zooms)} "
-                  f"voxels, {NUMPASS} passes)")
+#: A voxel whose signal exceeds its mean b0 by this factor in any volume, or whose values exceed
+#: this magnitude, holds no diffusion signal (corrupt values such as 1e30): it is excluded.
+MAX_SIGNAL_RATIO = 50.0
+MAX_MAGNITUDE = 1e15
 
 
-def prepare_series(dwi, acq: Acquisition, mean_b0: np.ndarray, given_mask=None) -> PreparedSeries:
-    """Mask the series (given mask, else median_otsu on the planning pass's mean b0) and read
-    the mask's voxels in one pass over the image (one open), divided by their mean b0.
+def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | None = None,
+                   mask_source: str = "") -> PreparedSeries:
+    """The mask's voxels of the kept volumes (all by default), read in one pass over the image
+    (one open) and divided by their mean b0.
 
-    Voxels with a non-finite value, or whose mean b0 is not positive, stay as NaN rows (row i is
-    always the mask's i-th voxel), are counted, and are left out of every fit."""
+    Voxels with a non-finite or implausible value (beyond MAX_MAGNITUDE, or MAX_SIGNAL_RATIO
+    times their mean b0), or whose mean b0 is not positive, stay as NaN rows (row i is always
+    the mask's i-th voxel), are counted, and are left out of every fit."""
+    mask = np.asarray(mask, dtype=bool)
+    keep = np.ones(acq.n_volumes, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if keep.size != acq.n_volumes:
+        raise ValueError(f"{dwi}: {keep.size} volume flags for {acq.n_volumes} volumes")
+    kept = acq.subset(keep)
     with open_image(dwi) as (info, volumes):
         if info.n_volumes != acq.n_volumes:
             raise ValueError(f"{dwi}: {info.n_volumes} volumes but the gradient table has "
                              f"{acq.n_volumes}")
-        mask, source = brain_mask(mean_b0, info, given_mask)
-        raw = np.empty((int(mask.sum()), info.n_volumes), dtype=np.float32)
+        if mask.shape != tuple(info.shape[:3]):
+            raise ValueError(f"{dwi}: mask shape {mask.shape} does not match {info.shape[:3]}")
+        column = np.cumsum(keep) - 1
+        raw = np.empty((int(mask.sum()), int(keep.sum())), dtype=np.float32)
         for index, vol in volumes:
-            raw[:, index] = vol[mask]
+            if keep[index]:
+                raw[:, column[index]] = vol[mask]
     finite = np.all(np.isfinite(raw), axis=1)
-    normalised, s0, valid = normalise_by_b0(raw, acq)
+    huge = finite & np.any(np.abs(raw) > MAX_MAGNITUDE, axis=1)
+    raw[huge] = np.nan
+    normalised, s0, valid = normalise_by_b0(raw, kept)
     del raw
+    implausible = valid & np.any(np.abs(normalised) > MAX_SIGNAL_RATIO, axis=1)
+    valid &= ~implausible
     normalised[~valid] = np.nan
-    excluded = {"nonfinite": int((~finite).sum()), "nonpositive_b0": int((finite & ~valid).sum())}
+    excluded = {"nonfinite": int((~finite).sum()),
+                "implausible": int(huge.sum() + implausible.sum()),
+                "nonpositive_b0": int((finite & ~huge & ~valid & ~implausible).sum())}
     if not valid.any():
-        raise ValueError(f"{dwi}: no brain voxel has finite values and a positive mean b0")
-    return PreparedSeries(info, mask, source, normalised, s0, valid, excluded)
+        raise ValueError(f"{dwi}: no brain voxel has finite, plausible values and a positive "
+                         "mean b0")
+    return PreparedSeries(info, mask, mask_source, normalised, s0, valid, excluded, kept)
 
 
 def nrmse(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ import nibabel as nib
 import numpy as np
 
 from .. import __version__, naming
+from ..atomic import TEMP_SUFFIX
 from ..dataset.gradients import load_acquisition, read_bval, read_bvec
 from ..dataset.image import read_image_info
 from ..outputs.table import output
@@ -184,7 +185,7 @@ def _place(src: Path, dst: Path, link: bool) -> str:
                 return "kept"
         except OSError:
             pass
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}{TEMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
         how = "copied"

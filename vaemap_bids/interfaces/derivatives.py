@@ -105,6 +105,10 @@ class _SeriesSummaryInputSpec(BaseInterfaceInputSpec):
     seed = traits.Int(mandatory=True)
     validator = traits.Str(mandatory=True)
     started = traits.Str(mandatory=True)
+    final = traits.Bool(True, usedefault=True,
+                        desc="False: the summary written before the fits, so that a failed fit "
+                             "still leaves a report of the others")
+    after = traits.Any(desc="only orders this node after another")
 
 
 class SeriesSummary(_ProductsInterface):
@@ -117,7 +121,7 @@ class SeriesSummary(_ProductsInterface):
         i = self.inputs
         summary = series_summary(i.plan, list(i.methods), dict(i.mask_info), list(i.fit_records),
                                  i.output_dir, device=i.device, seed=i.seed, validator=i.validator,
-                                 started=i.started)
+                                 started=i.started, final=i.final)
         return [Product(summary_output(i.plan["series"]["entities"]), summary)], None
 
 

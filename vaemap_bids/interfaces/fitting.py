@@ -6,7 +6,9 @@ changing them on a rerun re-uses a finished fit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 
 import numpy as np
@@ -17,6 +19,30 @@ from ..atomic import to_jsonable
 from ..dataset.signals import fit_quality
 from ..fitting.base import METHODS
 from ..physics import Acquisition, make_model
+
+
+class _SeriesTag(logging.Filter):
+    def __init__(self, tag: str):
+        super().__init__()
+        self.tag = tag
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"{self.tag}: {record.msg}"
+        return True
+
+
+@contextlib.contextmanager
+def _log_tagged(tag: str):
+    """Prefix what vaemap logs meanwhile with ``tag`` (one fit runs per process at a time)."""
+    handlers = logging.getLogger("vaemap").handlers if tag else []
+    tagger = _SeriesTag(tag)
+    for handler in handlers:
+        handler.addFilter(tagger)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(tagger)
 
 
 class _FitInputSpec(BaseInterfaceInputSpec):
@@ -30,6 +56,7 @@ class _FitInputSpec(BaseInterfaceInputSpec):
                           desc="Nipype MultiProc: this node occupies a GPU slot")
     num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads")
     progress = traits.Bool(False, usedefault=True, nohash=True, desc="show a progress bar")
+    series = traits.Str("", usedefault=True, nohash=True, desc="series prefix, for the log")
 
 
 class _FitOutputSpec(TraitedSpec):
@@ -54,9 +81,10 @@ class FitModel(SimpleInterface):
             signals = data["signals"]
             acq = Acquisition(data["bvals"], data["bvecs"])
         model = make_model(self.inputs.model, acq)
-        result = fit(model, signals, self.inputs.method, device=self.inputs.device,
-                     seed=self.inputs.seed, options=json.loads(self.inputs.options),
-                     progress=self.inputs.progress)
+        with _log_tagged(self.inputs.series):
+            result = fit(model, signals, self.inputs.method, device=self.inputs.device,
+                         seed=self.inputs.seed, options=json.loads(self.inputs.options),
+                         progress=self.inputs.progress)
         quality = fit_quality(model, signals, result.params, result.valid)
         arrays = {"params": result.params, "valid": result.valid, **quality}
         for name in ("std", "responsibilities", "latent_mean"):

@@ -8,10 +8,9 @@ import os
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    isdefined, traits)
+                                    traits)
 
 from ..dataset.gradients import load_acquisition
-from ..dataset.image import load_scan
 from ..dataset.signals import prepare_series
 from ..outputs.products import image_like
 
@@ -20,8 +19,9 @@ class _PrepareSeriesInputSpec(BaseInterfaceInputSpec):
     dwi_file = File(exists=True, mandatory=True, desc="4-D DWI image")
     bval_file = File(exists=True, mandatory=True, desc="BIDS .bval")
     bvec_file = File(exists=True, mandatory=True, desc="BIDS .bvec")
-    scan_file = File(exists=True, mandatory=True, desc="the planning pass's scan (.npz)")
-    given_mask = File(exists=True, desc="a desc-brain_mask from --derivatives (else median_otsu)")
+    arrays_file = File(exists=True, mandatory=True,
+                       desc="the plan's brain mask and volumes kept (.npz)")
+    mask_source = traits.Str(mandatory=True, desc="where the mask came from")
 
 
 class _PrepareSeriesOutputSpec(TraitedSpec):
@@ -41,16 +41,16 @@ class PrepareSeries(SimpleInterface):
 
     def _run_interface(self, runtime):
         acq = load_acquisition(self.inputs.bval_file, self.inputs.bvec_file)
-        scan = load_scan(self.inputs.scan_file)
-        given = self.inputs.given_mask if isdefined(self.inputs.given_mask) else None
-        prepared = prepare_series(self.inputs.dwi_file, acq, scan["mean_b0"], given)
+        with np.load(self.inputs.arrays_file) as plan:
+            mask, keep = plan["mask"], plan["keep"]
+        prepared = prepare_series(self.inputs.dwi_file, acq, mask, keep, self.inputs.mask_source)
         info = prepared.info
         mask_file = os.path.join(runtime.cwd, "brain_mask.nii.gz")
         nib.save(image_like(prepared.mask, info.header, np.uint8), mask_file)
         signals_file = os.path.join(runtime.cwd, "signals.npz")
         # uncompressed: written once, read by every fit node
         np.savez(signals_file, signals=prepared.signals, s0=prepared.s0, valid=prepared.valid,
-                 bvals=acq.bvals, bvecs=acq.bvecs)
+                 bvals=prepared.acquisition.bvals, bvecs=prepared.acquisition.bvecs)
         n = int(prepared.mask.sum())
         self._results.update(mask_file=mask_file, signals_file=signals_file, mask_info={
             "source": prepared.mask_source, "n_voxels": n,

@@ -20,9 +20,11 @@ def software_versions() -> dict:
 
 
 def series_summary(plan: dict, methods: list[str], mask_info: dict, fit_records: list[str],
-                   output_dir, *, device: str, seed: int, validator: str, started: str) -> dict:
+                   output_dir, *, device: str, seed: int, validator: str, started: str,
+                   final: bool = True) -> dict:
     """The summary of one series from its plan (``SeriesPlan.to_dict()``), the mask information
-    of PrepareSeries and the paths of its written fit records."""
+    of PrepareSeries and the paths of its written fit records. The series first gets one
+    before its fits (``final=False``: ``finished`` is null), replaced once they are written."""
     series = plan["series"]
     ents = series["entities"]
     models = {}
@@ -39,12 +41,14 @@ def series_summary(plan: dict, methods: list[str], mask_info: dict, fit_records:
         "prefix": naming.prefix(ents),
         "inputs": {"dwi": series["dwi"], "bval": series["bval"], "bvec": series["bvec"],
                    "mask_source": mask_info["source"]},
-        "acquisition": {"n_volumes": plan["n_volumes"], "shells": plan["shells"]},
+        "acquisition": {"n_volumes": plan["n_volumes"], "shells": plan["shells"],
+                        "excluded_volumes": plan.get("excluded_volumes", {})},
         "shape": list(plan["shape"]),
         "voxel_size_mm": list(plan["voxel_size_mm"]),
         "mask": {"n_voxels": mask_info["n_voxels"], "n_valid": mask_info.get("n_valid"),
                  "volume_ml": mask_info.get("volume_ml"),
                  "excluded_nonfinite": excluded.get("nonfinite", 0),
+                 "excluded_implausible": excluded.get("implausible", 0),
                  "excluded_nonpositive_b0": excluded.get("nonpositive_b0", 0)},
         "models": models,
         "device": device,
@@ -52,7 +56,7 @@ def series_summary(plan: dict, methods: list[str], mask_info: dict, fit_records:
         "versions": software_versions(),
         "validator": validator,
         "started": started,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds") if final else None,
         "fit_records": [str(Path(p).relative_to(output_dir)) for p in fit_records],
     }
 

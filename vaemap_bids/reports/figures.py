@@ -6,8 +6,7 @@ subject's right on the image's right and anterior at the top.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
+from ..atomic import write_bytes_atomic
 from .metrics import finite, pca_2d
 
 #: One colour per method, the same in every figure.
@@ -55,15 +55,9 @@ def save(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png", facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png", facecolor="white")
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 # ---- slices --------------------------------------------------------------------------------------

@@ -71,15 +71,6 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
-def _duration(started, finished) -> str | None:
-    try:
-        t0 = datetime.fromisoformat(str(started))
-        t1 = datetime.fromisoformat(str(finished))
-    except (TypeError, ValueError):
-        return None
-    return f"{(t1 - t0).total_seconds():.1f} s"
-
-
 def _units(spec) -> str:
     return F.pretty_units(spec.units)
 
@@ -130,15 +121,24 @@ class _SeriesReport:
             ("Voxel size (mm)", " x ".join(_fmt(x) for x in sm.get("voxel_size_mm") or []) or "n/a"),
             ("Brain mask", f"{_fmt(mask.get('n_voxels'))} voxels, {_fmt(mask.get('volume_ml'))} ml"),
             ("Voxels excluded (non-finite signal)", _fmt(mask.get("excluded_nonfinite"))),
+            ("Voxels excluded (implausible values)", _fmt(mask.get("excluded_implausible"))),
+            ("Voxels excluded (mean b0 not positive)", _fmt(mask.get("excluded_nonpositive_b0"))),
+        ]
+        for index, why in (acq.get("excluded_volumes") or {}).items():
+            rows.append((f"Volume {index} left out (WARNING)", str(why)))
+        rows += [
             ("Device", str(sm.get("device", "n/a"))),
             ("Seed", str(sm.get("seed", "n/a"))),
             ("Input validation", str(sm.get("validator", "n/a"))),
-            ("Started", str(sm.get("started", "n/a"))),
-            ("Finished", str(sm.get("finished", "n/a"))),
+            ("Run started (all series)", str(sm.get("started", "n/a"))),
+            ("This series finished", str(sm.get("finished", "n/a"))),
         ]
-        total = _duration(sm.get("started"), sm.get("finished"))
-        if total:
-            rows.append(("Total run time", total))
+        fit_seconds = [self.s.fit_timing(m, meth)[0] for m, ms in self.s.ran().items()
+                       for meth in ms]
+        fit_seconds = [t for t in fit_seconds if t is not None]
+        if fit_seconds:
+            rows.append(("Fitting time of this series (sum of its fits)",
+                         f"{sum(fit_seconds) / 60:.1f} min"))
         shells = [(_fmt(s.get("bval_smm2"), 4), _fmt(s.get("n_volumes")), _fmt(s.get("n_directions")))
                   for s in acq.get("shells") or []]
         models = []

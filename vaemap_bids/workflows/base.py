@@ -1,16 +1,24 @@
 """The top of the graph: one sub-workflow per DWI series, run by a Nipype plugin."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import multiprocessing as mp
+import os
+import signal
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from nipype.pipeline import engine as pe
+from nipype.pipeline.plugins.multiproc import MultiProcPlugin as _NipypeMultiProc
 
 from ..config import Config
 from ..dataset.bids import SeriesPlan
 from .series import init_series_wf
 
 log = logging.getLogger("vaemap.workflow")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def init_vaemap_wf(config: Config, plans: list[SeriesPlan]) -> pe.Workflow:
@@ -46,6 +54,35 @@ def configure_nipype(config: Config, resource_monitor: bool = False) -> None:
     nlogging.update_logging(ncfg)
 
 
+def _die_with_parent(cwd: str, parent: int) -> None:
+    """Worker initializer: Nipype's own, then ask the kernel to end this worker when the vaemap
+    process that started it dies (even by SIGKILL), so no worker outlives a killed run."""
+    from nipype.pipeline.plugins.multiproc import process_initializer
+    process_initializer(cwd)
+    # a forked worker inherits the CLI's SIGTERM handler, which turns the signal into an
+    # exception that the pool would catch and survive: workers simply end on SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the workers end when their pool is shut
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+class MultiProcPlugin(_NipypeMultiProc):
+    """Nipype's MultiProc whose workers die with the vaemap process."""
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self.pool.shutdown(wait=False)  # no worker has started yet: replace the pool
+        self.pool = ProcessPoolExecutor(
+            max_workers=self.processors, initializer=_die_with_parent,
+            initargs=(self._cwd, os.getpid()),
+            mp_context=mp.get_context(self.plugin_args.get("mp_context")))
+
+
 def run_vaemap_wf(wf: pe.Workflow, config: Config, status_callback=None):
     """Run the graph with the configured plugin; returns Nipype's execution graph.
     ``status_callback(node, status)`` is Nipype's per-node hook ("start", "end", "exception")."""
@@ -53,4 +90,5 @@ def run_vaemap_wf(wf: pe.Workflow, config: Config, status_callback=None):
     log.info("running %s with %s %s", wf.name, config.plugin, args)
     if status_callback is not None:
         args["status_callback"] = status_callback
-    return wf.run(plugin=config.plugin, plugin_args=args)
+    plugin = MultiProcPlugin(plugin_args=args) if config.plugin == "MultiProc" else config.plugin
+    return wf.run(plugin=plugin, plugin_args=args)

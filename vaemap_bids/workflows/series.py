@@ -3,6 +3,7 @@
     prepare_series -> fit_<model>_<method> -> products_<model>_<method> -> ds_<model>_<method>
           |                                                                     |
           +-> series_products -> ds_series                     summary -> ds_summary
+          +-> summary_early -> ds_summary_early (before the fits: a failed fit keeps a report)
 
 ``prepare_series`` reads the image once (mask + signals); every fit node reads its signals;
 products nodes compute a fit's derivatives (:mod:`vaemap_bids.outputs`); sinks copy them into
@@ -64,10 +65,9 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     omp = config.effective_omp_nthreads()
 
     prepare = pe.Node(PrepareSeries(dwi_file=series.dwi, bval_file=series.bval,
-                                    bvec_file=series.bvec, scan_file=plan.scan_file),
+                                    bvec_file=series.bvec, arrays_file=plan.arrays_file,
+                                    mask_source=plan.mask_source),
                       name="prepare_series", mem_gb=estimate_mem_gb(plan, 2.0, cap))
-    if plan.mask_file:
-        prepare.inputs.given_mask = plan.mask_file
     series_products = pe.Node(SeriesProducts(entities=series.entities, sources=sources),
                               name="series_products")
     ds_series = _sink("ds_series", out_dir)
@@ -78,12 +78,19 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     ])
 
     fits = [(m, meth) for m in plan.models_to_run() for meth in config.methods]
-    summary = pe.Node(SeriesSummary(plan=plan.to_dict(), methods=list(config.methods),
-                                    output_dir=out_dir, device=device, seed=config.seed,
-                                    validator=config.validator, started=config.started),
-                      name="summary", run_without_submitting=True)
+    # a first summary before the fits, so that a failed fit still leaves a report of the others
+    record = dict(plan=plan.to_dict(), methods=list(config.methods), output_dir=out_dir,
+                  device=device, seed=config.seed, validator=config.validator,
+                  started=config.started)
+    early = pe.Node(SeriesSummary(final=False, **record), name="summary_early",
+                    run_without_submitting=True)
+    ds_early = _sink("ds_summary_early", out_dir)
+    summary = pe.Node(SeriesSummary(**record), name="summary", run_without_submitting=True)
     ds_summary = _sink("ds_summary", out_dir)
-    wf.connect([(prepare, summary, [("mask_info", "mask_info")]),
+    wf.connect([(prepare, early, [("mask_info", "mask_info")]),
+                (early, ds_early, [("out_root", "in_root"), ("out_files", "in_files")]),
+                (ds_early, summary, [("last_file", "after")]),
+                (prepare, summary, [("mask_info", "mask_info")]),
                 (summary, ds_summary, [("out_root", "in_root"), ("out_files", "in_files")])])
     if fits:
         from nipype.interfaces.utility import Merge
@@ -95,7 +102,8 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
         fit = pe.Node(FitModel(model=model, method=method,
                                options=json.dumps(options, sort_keys=True), device=device,
                                seed=config.seed, use_gpu=device.startswith("cuda"),
-                               num_threads=omp, progress=config.verbosity > 0),
+                               num_threads=omp, progress=config.verbosity > 0,
+                               series=series.prefix),
                       name=f"fit_{model}_{method}", n_procs=omp,
                       mem_gb=estimate_mem_gb(plan, 2.0 if method in NETWORK_METHODS else 3.0, cap))
         products = pe.Node(FitProducts(entities=series.entities, sources=sources),
