@@ -34,7 +34,8 @@ done
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   say "no usable Python 3.11 on PATH: installing Debian's python3.11 and python3.11-venv"
   apt-get update -qq >&2 || say "apt-get update failed"
-  if apt-cache show python3.11 >/dev/null 2>&1 && apt-cache show python3.11-venv >/dev/null 2>&1; then
+  if apt-cache show python3.11 >/dev/null 2>&1 \
+      && apt-cache show python3.11-venv >/dev/null 2>&1; then
     if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         python3.11 python3.11-venv >/dev/null && usable /usr/bin/python3.11; then
       echo /usr/bin/python3.11

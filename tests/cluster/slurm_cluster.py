@@ -151,7 +151,8 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         self._write_files()
         munge = self.root / "munge"
         self._spawn("munged", ["munged", "--foreground", "--force",
-                               f"--socket={self.munge_socket}", f"--key-file={munge / 'munge.key'}",
+                               f"--socket={self.munge_socket}",
+                               f"--key-file={munge / 'munge.key'}",
                                f"--pid-file={munge / 'munged.pid'}",
                                f"--seed-file={munge / 'munged.seed'}",
                                f"--log-file={self.root / 'log' / 'munged.log'}"])

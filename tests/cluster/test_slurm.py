@@ -45,6 +45,11 @@ def run_vaemap(bids: Path, out: Path, work: Path, extra: list[str], env: dict, c
     return subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
+def sbatch_options(args: str) -> dict[str, str]:
+    """'--time=02:00:00 --cpus-per-task=4' -> {'--time': '02:00:00', '--cpus-per-task': '4'}"""
+    return dict(token.split("=", 1) for token in args.split() if token.startswith("--"))
+
+
 def nifti_files(root: Path) -> dict[str, bytes]:
     """Every NIfTI under root, decompressed (gzip's own header holds a time stamp)."""
     return {str(p.relative_to(root)): gzip.decompress(p.read_bytes())
@@ -94,11 +99,14 @@ def test_participant_run_through_slurm_equals_multiproc(cluster, tmp_path):
     cluster.wait_idle()
     jobs = cluster.completed_jobs()
     assert jobs, "no job in the job-completion log\n" + cluster.logs()
-    sbatch_args = yaml.safe_load(SLURM_PLUGIN.read_text())["plugin_args"]["sbatch_args"]
-    cpus = next(a.split("=", 1)[1] for a in sbatch_args.split() if a.startswith("--cpus-per-task"))
+    plugin_args = yaml.safe_load(SLURM_PLUGIN.read_text())["plugin_args"]
+    requested = sbatch_options(plugin_args["sbatch_args"])
+    hours, minutes, seconds = (int(v) for v in requested["--time"].split(":"))
     for job in jobs:
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-        assert job["ProcCnt"] == cpus and job["TimeLimit"] == "120", job  # --time=02:00:00
+        # the job-completion log gives the CPUs and the time limit (in minutes) it ran with
+        assert job["ProcCnt"] == requested["--cpus-per-task"], job
+        assert int(job["TimeLimit"]) == hours * 60 + minutes + (seconds > 0), job
     # Nipype's job name is '<node>.<workflow>...<LOGNAME>'; match the fit nodes loosely (any
     # node whose name says fit and the method), as node names may change
     nodes = [job["Name"].split(".")[0] for job in jobs]
