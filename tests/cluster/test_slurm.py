@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from slurm_cluster import LocalSlurm, unavailable_reason
+from slurm_cluster import NODE, LocalSlurm, unavailable_reason
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +86,7 @@ def test_participant_run_through_slurm_equals_multiproc(cluster, tmp_path):
                        env, tmp_path)
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
     multiproc_s = time.monotonic() - started
+    assert not cluster.completed_jobs(), "MultiProc must not submit jobs"
 
     started = time.monotonic()
     slurm = run_vaemap(bids, tmp_path / "out_slurm", tmp_path / "work_slurm",
@@ -104,6 +105,7 @@ def test_participant_run_through_slurm_equals_multiproc(cluster, tmp_path):
     hours, minutes, seconds = (int(v) for v in requested["--time"].split(":"))
     for job in jobs:
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
+        assert job["NodeList"] == NODE, job
         # the job-completion log gives the CPUs and the time limit (in minutes) it ran with
         assert job["ProcCnt"] == requested["--cpus-per-task"], job
         assert int(job["TimeLimit"]) == hours * 60 + minutes + (seconds > 0), job
