@@ -578,10 +578,15 @@ def test_container_like_install_and_readonly_run(tmp_path):
     def localise(text: str) -> str:  # one pass, so a replaced path is never replaced again
         return image_paths.sub(lambda m: mapping[m.group(1)], text)
 
-    # the base image: Python 3.11 and a plain system PATH (nothing from the project's .venv)
-    base_bin = Path(getattr(sys, "_base_executable", sys.executable)).resolve().parent
-    base_path = os.pathsep.join([str(base_bin), "/usr/local/bin", "/usr/sbin", "/usr/bin",
-                                 "/sbin", "/bin"])
+    # the base image: Python 3.11 and a plain system PATH (nothing from the project's .venv).
+    # The image calls it `python`; Debian's own python3.11 comes without that name, so link it.
+    base_python = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    base_bin = tmp_path / "base-bin"
+    base_bin.mkdir()
+    for name in ("python", "python3", "python3.11"):
+        (base_bin / name).symlink_to(base_python)
+    base_path = os.pathsep.join([str(base_bin), str(base_python.parent), "/usr/local/bin",
+                                 "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
     host_env = {k: v for k, v in os.environ.items()
                 if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")
                 and not k.startswith(("TEMPLATEFLOW", "MPL", "NIPYPE", "OMP_"))}
