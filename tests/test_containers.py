@@ -579,8 +579,10 @@ def test_container_like_install_and_readonly_run(tmp_path):
         return image_paths.sub(lambda m: mapping[m.group(1)], text)
 
     # the base image: Python 3.11 and a plain system PATH (nothing from the project's .venv).
-    # The image calls it `python`; Debian's own python3.11 comes without that name, so link it.
-    base_python = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
+    # The image calls it `python`; Debian's own python3.11 comes without that name, so link it
+    # (and in a venv made from it, sys._base_executable names that missing /usr/bin/python).
+    base_python = Path(getattr(sys, "_base_executable", sys.executable))
+    base_python = (base_python if base_python.exists() else Path(sys.executable)).resolve()
     base_bin = tmp_path / "base-bin"
     base_bin.mkdir()
     for name in ("python", "python3", "python3.11"):
