@@ -597,8 +597,10 @@ def test_container_like_install_and_readonly_run(tmp_path):
         for key, value in env_pairs(ins.value):
             if key.startswith("PIP_"):
                 continue  # this machine's pip configuration (index, wheel cache) applies
-            value = value.replace("$PATH", env["PATH"]).replace("${PATH}", env["PATH"])
-            env[key] = localise(value)
+            # localise the image's paths first: the PATH spliced in holds this test's own
+            # (under /tmp), which must not be mapped again
+            value = localise(value)
+            env[key] = value.replace("$PATH", env["PATH"]).replace("${PATH}", env["PATH"])
 
     def replay_run(ins: Instruction, env: dict, cwd: Path):
         command = localise(ins.value)
