@@ -509,86 +509,7 @@ def test_slurm_plugin_file_names_a_real_nipype_plugin():
     plugin = plugin_class(plugin_args=args)
     assert plugin.max_jobs == args["max_jobs"]
     assert getattr(plugin, "_sbatch_args") == args["sbatch_args"]
-
-
-def test_slurm_plugin_file_runs_a_workflow_through_sbatch(tmp_path, monkeypatch):
-    """A Nipype workflow run with this plugin file, against stand-in sbatch/squeue commands that
-    run each batch script at once: every node goes through sbatch with the file's arguments."""
-    import nipype.pipeline.engine as pe
-    from nipype.interfaces.utility import Function
-
-    bin_dir = tmp_path / "bin"
-    log = tmp_path / "sbatch.log"
-    _fake_slurm(bin_dir, log)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("LOGNAME", os.environ.get("LOGNAME", "vaemap"))
-
-    def square(x):
-        return x * x
-
-    wf = pe.Workflow(name="slurm_check", base_dir=str(tmp_path / "work"))
-    first = pe.Node(Function(input_names=["x"], output_names=["y"], function=square), name="first")
-    second = pe.Node(Function(input_names=["x"], output_names=["y"], function=square),
-                     name="second")
-    first.inputs.x = 3
-    wf.connect(first, "y", second, "x")
-    settings = yaml.safe_load(SLURM_PLUGIN.read_text())
-    args = dict(settings["plugin_args"], retry_timeout=0)
-    graph = wf.run(plugin=settings["plugin"], plugin_args=args)
-    results = {node.name: node.result.outputs.y for node in graph.nodes()}
-    assert results == {"first": 9, "second": 81}
-    calls = log.read_text().splitlines()
-    assert len(calls) == 2 and all(c.startswith(settings["plugin_args"]["sbatch_args"]) for c in calls)
-
-
-def _fake_slurm(bin_dir: Path, log: Path) -> None:
-    """sbatch that runs the batch script at once and answers like SLURM; squeue: nothing pending."""
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    (bin_dir / "sbatch").write_text(
-        "#!/bin/bash\n"
-        f'echo "$@" >> {shlex.quote(str(log))}\n'
-        'script="${@: -1}"\n'
-        'bash "$script" > "${script%.sh}.out" 2>&1\n'
-        'echo "Submitted batch job $RANDOM"\n')
-    (bin_dir / "squeue").write_text("#!/bin/bash\nexit 0\n")
-    for tool in ("sbatch", "squeue"):
-        (bin_dir / tool).chmod(0o755)
-
-
-@pytest.mark.slow
-def test_vaemap_runs_with_the_shipped_slurm_plugin_file(tmp_path):
-    """`vaemap ... --use-plugin slurm_plugin.yml` (the HPC path of a native install): every node
-    goes through sbatch, and the maps come out."""
-    from vaemap_bids import naming
-    from vaemap_bids.simulate.phantom import write_phantom_dataset
-
-    log = tmp_path / "sbatch.log"
-    _fake_slurm(tmp_path / "bin", log)
-    bids = tmp_path / "bids"
-    write_phantom_dataset(bids, tmp_path / "truth", subjects=("01",), model="msdki",
-                          shape=(12, 14, 10), snr=40.0, seed=3)
-    hyper = tmp_path / "quick.yaml"
-    hyper.write_text(yaml.safe_dump({"vaegmm": {"epochs": 3, "warmup_epochs": 1,
-                                                "ramp_epochs": 1, "n_posterior_samples": 2}}))
-    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}",
-               LOGNAME=os.environ.get("LOGNAME", "vaemap"), NIPYPE_NO_ET="1", MPLBACKEND="Agg")
-    vaemap = Path(sys.executable).with_name("vaemap")
-    out = tmp_path / "out"
-    done = subprocess.run([str(vaemap), str(bids), str(out), "participant", "-w",
-                           str(tmp_path / "work"), "--models", "msdki", "--methods", "lsq",
-                           "vaegmm", "--config", str(hyper), "--skip-bids-validation",
-                           "--use-plugin", str(SLURM_PLUGIN)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    sbatch_args = yaml.safe_load(SLURM_PLUGIN.read_text())["plugin_args"]["sbatch_args"]
-    calls = log.read_text().splitlines()
-    assert len(calls) >= 3 and all(c.startswith(sbatch_args) for c in calls), calls
-    entities = {"subject": "01"}
-    dwi = out / naming.subject_dir(entities) / "dwi"
-    for method in ("lsq", "vaegmm"):
-        for param in ("msd", "msk"):
-            assert (dwi / f"{naming.prefix(entities)}_model-msdki_desc-{method}_param-{param}"
-                    "_dwimap.nii.gz").exists()
+    # running it on a real (one-node) SLURM cluster: tests/cluster/test_slurm.py
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,10 +578,17 @@ def test_container_like_install_and_readonly_run(tmp_path):
     def localise(text: str) -> str:  # one pass, so a replaced path is never replaced again
         return image_paths.sub(lambda m: mapping[m.group(1)], text)
 
-    # the base image: Python 3.11 and a plain system PATH (nothing from the project's .venv)
-    base_bin = Path(getattr(sys, "_base_executable", sys.executable)).resolve().parent
-    base_path = os.pathsep.join([str(base_bin), "/usr/local/bin", "/usr/sbin", "/usr/bin",
-                                 "/sbin", "/bin"])
+    # the base image: Python 3.11 and a plain system PATH (nothing from the project's .venv).
+    # The image calls it `python`; Debian's own python3.11 comes without that name, so link it
+    # (and in a venv made from it, sys._base_executable names that missing /usr/bin/python).
+    base_python = Path(getattr(sys, "_base_executable", sys.executable))
+    base_python = (base_python if base_python.exists() else Path(sys.executable)).resolve()
+    base_bin = tmp_path / "base-bin"
+    base_bin.mkdir()
+    for name in ("python", "python3", "python3.11"):
+        (base_bin / name).symlink_to(base_python)
+    base_path = os.pathsep.join([str(base_bin), str(base_python.parent), "/usr/local/bin",
+                                 "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
     host_env = {k: v for k, v in os.environ.items()
                 if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")
                 and not k.startswith(("TEMPLATEFLOW", "MPL", "NIPYPE", "OMP_"))}
@@ -669,8 +597,10 @@ def test_container_like_install_and_readonly_run(tmp_path):
         for key, value in env_pairs(ins.value):
             if key.startswith("PIP_"):
                 continue  # this machine's pip configuration (index, wheel cache) applies
-            value = value.replace("$PATH", env["PATH"]).replace("${PATH}", env["PATH"])
-            env[key] = localise(value)
+            # localise the image's paths first: the PATH spliced in holds this test's own
+            # (under /tmp), which must not be mapped again
+            value = localise(value)
+            env[key] = value.replace("$PATH", env["PATH"]).replace("${PATH}", env["PATH"])
 
     def replay_run(ins: Instruction, env: dict, cwd: Path):
         command = localise(ins.value)
