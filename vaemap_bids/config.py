@@ -56,6 +56,16 @@ class VaemapError(Exception):
         self.exit_code = int(exit_code)
 
 
+def _methods() -> tuple[str, ...]:
+    from .fitting.base import METHODS
+    return METHODS
+
+
+#: Plugins that run the nodes on this machine: the device is resolved (and checked) here; any
+#: other plugin (SLURM, SGE, ...) resolves it on the node that runs each fit.
+LOCAL_PLUGINS = ("MultiProc", "LegacyMultiProc", "Linear")
+
+
 @dataclass
 class Config:
     """Everything a run needs; built by the CLI from argv, or by tests and other callers."""
@@ -67,7 +77,7 @@ class Config:
     session_label: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=lambda: ["msdki", "ballstick"])
     models_explicit: bool = False
-    methods: list[str] = field(default_factory=lambda: ["lsq", "ssl", "vaeunig", "vaegmm"])
+    methods: list[str] = field(default_factory=lambda: list(_methods()))
     work_dir: str = ""
     device: str = "auto"            # as asked for
     resolved_device: str = ""       # cpu or cuda after resolving "auto"
@@ -112,6 +122,10 @@ class Config:
     @property
     def uses_gpu(self) -> bool:
         return self.resolved_device.startswith("cuda")
+
+    @property
+    def runs_locally(self) -> bool:
+        return self.plugin in LOCAL_PLUGINS
 
     def nipype_plugin_args(self) -> dict:
         """Plugin arguments: ours for MultiProc/LegacyMultiProc, the user's plugin file on top."""

@@ -12,23 +12,12 @@ import torch
 
 from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids.cli.run import main
-from vaemap_bids.simulate.phantom import write_phantom_dataset
+
 
 SHAPE = (10, 12, 9)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("errors")
-    write_phantom_dataset(root / "bids", root / "truth", model="msdki", shape=SHAPE, seed=7)
-    return root
-
-
-@pytest.fixture
-def ds(base, tmp_path):
-    """A fresh copy of the phantom dataset that a test may break."""
-    shutil.copytree(base / "bids", tmp_path / "bids")
-    return tmp_path
+PHANTOM = {"shape": SHAPE, "seed": 7}  # the ``base`` and ``ds`` fixtures (conftest.py)
 
 
 DWI = "sub-01/dwi/sub-01_dwi"

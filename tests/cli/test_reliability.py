@@ -22,25 +22,14 @@ from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids.cli.run import main
 from vaemap_bids.dataset.quality import find_bad_volumes
 from vaemap_bids.physics import Acquisition
-from vaemap_bids.simulate.phantom import write_phantom_dataset
+
 
 SHAPE = (12, 14, 10)
 DWI = "sub-01/dwi/sub-01_dwi"
 SLOW_NETWORK = "vaegmm: {epochs: 400, patience: 400, n_posterior_samples: 2}\n"
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reliability")
-    write_phantom_dataset(root / "bids", root / "truth", model="msdki", shape=SHAPE, seed=11)
-    return root
-
-
-@pytest.fixture
-def ds(base, tmp_path):
-    shutil.copytree(base / "bids", tmp_path / "bids")
-    shutil.copytree(base / "truth", tmp_path / "truth")
-    return tmp_path
+PHANTOM = {"shape": SHAPE, "seed": 11}  # the ``base`` and ``ds`` fixtures (conftest.py)
 
 
 def vaemap(ds, *extra, out="out", work="work"):

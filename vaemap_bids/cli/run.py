@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import getpass
 import json
 import logging
 import multiprocessing
@@ -215,7 +216,16 @@ def build_config(args) -> Config:
 
 
 def resolve_device(config: Config) -> None:
+    """The device of the fits, resolved (and checked) here when the nodes run here; with a
+    cluster plugin, each fit node resolves ``--device`` on the machine it runs on."""
     from ..fitting import DeviceUnavailableError, resolve_device as _resolve
+    if not config.runs_locally:
+        config.resolved_device = config.device
+        log.info("the device (--device %s) is resolved on the nodes that run the fits",
+                 config.device)
+        if config.plugin.startswith("SLURM"):  # Nipype's SLURM plugin reads LOGNAME
+            os.environ.setdefault("LOGNAME", getpass.getuser())
+        return
     try:
         config.resolved_device = str(_resolve(config.device))
     except DeviceUnavailableError as exc:

@@ -61,7 +61,7 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     out_dir = str(Path(config.output_dir).resolve())
     sources = [bids_uri(p, config.bids_dir) for p in (series.dwi, series.bval, series.bvec)]
     cap = config.effective_mem_gb()
-    device = config.resolved_device or "cpu"
+    device = config.resolved_device or "cpu"   # "auto" with a cluster plugin: the node decides
     omp = config.effective_omp_nthreads()
 
     prepare = pe.Node(PrepareSeries(dwi_file=series.dwi, bval_file=series.bval,
