@@ -3,7 +3,6 @@ no traceback, and nothing written into OUTPUT_DIR's subject folders."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import nibabel as nib
 import numpy as np
