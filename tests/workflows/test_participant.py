@@ -155,6 +155,7 @@ def test_run_records(run):
                            "seed", "n_voxels", "n_invalid", "n_at_bound", "nrmse_median",
                            "nrmse_mean", "maps"}
     assert set(record["maps"]) == set(PARAMS["ballstick"])
+    assert record["threads"] == {"torch": 1, "blas": 1}  # --omp-nthreads 1: the thread budget
     assert all((run["out"] / p).is_file() for p in record["maps"].values())
     assert len(record["history"]["loss"]) == record["hyperparameters"]["epochs_run"]
     with np.load(log / "sub-01_model-ballstick_desc-vaegmm_latent.npz") as latent:

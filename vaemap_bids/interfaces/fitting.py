@@ -73,18 +73,26 @@ class FitModel(SimpleInterface):
 
     def _run_interface(self, runtime):
         import torch
+        from threadpoolctl import threadpool_info, threadpool_limits
 
         from ..fitting import fit
 
-        torch.set_num_threads(max(1, self.inputs.num_threads))
+        threads = max(1, self.inputs.num_threads)  # the CPUs this node asked MultiProc for
         with np.load(self.inputs.signals_file) as data:
             signals = data["signals"]
             acq = Acquisition(data["bvals"], data["bvecs"])
         model = make_model(self.inputs.model, acq)
-        with _log_tagged(self.inputs.series):
-            result = fit(model, signals, self.inputs.method, device=self.inputs.device,
-                         seed=self.inputs.seed, options=json.loads(self.inputs.options),
-                         progress=self.inputs.progress)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with threadpool_limits(threads), _log_tagged(self.inputs.series):
+                used = {"torch": torch.get_num_threads(),
+                        "blas": max([p["num_threads"] for p in threadpool_info()], default=1)}
+                result = fit(model, signals, self.inputs.method, device=self.inputs.device,
+                             seed=self.inputs.seed, options=json.loads(self.inputs.options),
+                             progress=self.inputs.progress)
+        finally:
+            torch.set_num_threads(before)
         quality = fit_quality(model, signals, result.params, result.valid)
         arrays = {"params": result.params, "valid": result.valid, **quality}
         for name in ("std", "responsibilities", "latent_mean"):
@@ -111,6 +119,7 @@ class FitModel(SimpleInterface):
             "nrmse_median": float(np.median(nrmse_fitted)) if nrmse_fitted.size else None,
             "nrmse_mean": float(np.mean(nrmse_fitted)) if nrmse_fitted.size else None,
             "n_measurements": int(model.n_measurements),
+            "threads": used,
         }
         record_file = os.path.join(runtime.cwd, "fit_record.json")
         with open(record_file, "w") as fobj:

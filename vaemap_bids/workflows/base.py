@@ -54,11 +54,20 @@ def configure_nipype(config: Config, resource_monitor: bool = False) -> None:
     nlogging.update_logging(ncfg)
 
 
-def _die_with_parent(cwd: str, parent: int) -> None:
-    """Worker initializer: Nipype's own, then ask the kernel to end this worker when the vaemap
-    process that started it dies (even by SIGKILL), so no worker outlives a killed run."""
+def init_worker(cwd: str, parent: int) -> None:
+    """MultiProc worker initializer: Nipype's own; one thread for every node (a fit node raises
+    its own to the CPUs it asked for, so the nodes running at once never use more threads than
+    ``--nprocs``); and the kernel ends this worker when the vaemap process that started it dies
+    (even by SIGKILL), so no worker outlives a killed run."""
     from nipype.pipeline.plugins.multiproc import process_initializer
+    from threadpoolctl import threadpool_limits
     process_initializer(cwd)
+    threadpool_limits(1)
+    try:
+        import torch
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
     # a forked worker inherits the CLI's SIGTERM handler, which turns the signal into an
     # exception that the pool would catch and survive: workers simply end on SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -72,13 +81,14 @@ def _die_with_parent(cwd: str, parent: int) -> None:
 
 
 class MultiProcPlugin(_NipypeMultiProc):
-    """Nipype's MultiProc whose workers die with the vaemap process."""
+    """Nipype's MultiProc whose workers keep to the thread budget and die with the vaemap
+    process (see :func:`init_worker`)."""
 
     def __init__(self, plugin_args=None):
         super().__init__(plugin_args=plugin_args)
         self.pool.shutdown(wait=False)  # no worker has started yet: replace the pool
         self.pool = ProcessPoolExecutor(
-            max_workers=self.processors, initializer=_die_with_parent,
+            max_workers=self.processors, initializer=init_worker,
             initargs=(self._cwd, os.getpid()),
             mp_context=mp.get_context(self.plugin_args.get("mp_context")))
 
