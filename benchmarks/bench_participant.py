@@ -25,65 +25,13 @@ from pathlib import Path
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 import nibabel as nib  # noqa: E402
-import numpy as np  # noqa: E402
 
 from vaemap_bids.cli.parser import parse_args  # noqa: E402
 from vaemap_bids.cli.run import build_config, run_participant_level, setup_logging  # noqa: E402
 from vaemap_bids.simulate.phantom import write_phantom_dataset  # noqa: E402
 
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fobj:
-        for line in fobj:
-            if line.startswith(key):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fobj:
-            fobj.write("5")  # resets VmHWM, the peak resident set size (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
-class NodeMeter:
-    """Nipype status callback: per-node wall time and peak RSS (for in-process plugins)."""
-
-    def __init__(self):
-        self.rows: dict[str, dict] = {}
-        self._start: dict[str, tuple[float, int]] = {}
-
-    def __call__(self, node, status):
-        name = node.fullname
-        if status == "start":
-            self._start[name] = (time.perf_counter(), time.process_time(), _status_kb("VmRSS"))
-            _reset_peak()
-        elif status in ("end", "exception"):
-            t0, c0, rss0 = self._start.pop(name, (time.perf_counter(), time.process_time(), 0))
-            self.rows[name] = {"node": name, "status": status,
-                               "wall_s": round(time.perf_counter() - t0, 3),
-                               # CPU seconds of this process (all its threads): on a shared
-                               # machine a steadier figure than the wall time
-                               "cpu_s": round(time.process_time() - c0, 3),
-                               "peak_rss_gb": round(_status_kb("VmHWM") / 1024 ** 2, 3),
-                               "rss_at_start_gb": round(rss0 / 1024 ** 2, 3)}
-
-
-def monitor_rows(work_dir: Path) -> list[dict]:
-    """Per-node runtime figures of Nipype's resource monitor, from the node result files."""
-    from nipype.pipeline.engine.utils import load_resultfile
-
-    rows = []
-    for result in sorted(work_dir.rglob("result_*.pklz")):
-        runtime = load_resultfile(str(result)).runtime
-        rows.append({"node": str(result.parent.relative_to(work_dir)),
-                     "wall_s": round(float(getattr(runtime, "duration", float("nan"))), 3),
-                     "peak_rss_gb": round(float(getattr(runtime, "mem_peak_gb", float("nan"))), 3),
-                     "cpu_percent": getattr(runtime, "cpu_percent", None)})
-    return rows
+sys.path.insert(0, str(Path(__file__).parent))
+from _nodes import NodeMeter, markdown_rows, monitor_rows  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -174,12 +122,7 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"phantom {report['phantom']}; plugin {plugin}; device {report['device']}; "
           f"total {report['run_s']} s")
-    print("| node | wall (s) | CPU (s) | peak RSS (GB) |\n|---|---:|---:|---:|")
-    for row in sorted(rows, key=lambda r: -r["wall_s"]):
-        name = ".".join(row["node"].replace("/", ".").split(".")[-2:])
-        cpu = row.get("cpu_s")
-        print(f"| {name} | {row['wall_s']:.1f} | {'n/a' if cpu is None else f'{cpu:.1f}'} "
-              f"| {row['peak_rss_gb']:.2f} |")
+    print(markdown_rows(rows))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0
