@@ -3,6 +3,7 @@
     python benchmarks/bench_training.py loop     # (c) our vaegmm trainer vs a paper-style loop
     python benchmarks/bench_training.py memory   # (d) peak RSS of training and inference, HCP size
     python benchmarks/bench_training.py science  # SNR-20 cluster simulation: lsq/ssl/vaeunig/vaegmm
+    python benchmarks/bench_training.py roofline # achieved FLOP/s of the trainer vs measured matmul peak
 
 (c) Same network (vaegmm, MS-DKI, HCP shells b <= 2: 198 volumes), same initial weights, same
     loss, KL and temperature schedules and epochs, on the same 100k simulated voxels. The
@@ -14,6 +15,11 @@
     all 288 HCP volumes, 0.9M voxels float32 (1.04 GB of signal). "train" runs the trainer's path
     (prepare_signals -> tensor -> train_network); "infer" runs the chunked posterior-mean inference
     with posterior samples (predict). The RSS after building the input is reported too.
+(roofline) The fp32 matrix-product peak of this machine, measured in the same run with the same
+    threads (square products of 2048, best of several), and the trainer's achieved FLOP/s: the
+    floating-point work of one epoch is counted by ``torch.utils.flop_counter.FlopCounterMode``
+    (every matrix product of forward, backward and the validation pass), the epochs are then timed
+    without the counter, at each batch size asked for.
 Results are printed as Markdown and written as JSON (``--json``).
 """
 from __future__ import annotations
@@ -201,6 +207,63 @@ def bench_memory(args) -> dict:
     return {"runs": results, "target_gib": 8.0}
 
 
+# ---- roofline: achieved FLOP/s against the measured matmul peak ---------------------------------
+def matmul_peak_flops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of a square matrix product on ``device`` (the machine's roofline)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up: thread pool, kernels
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size ** 3 / best
+
+
+def bench_roofline(args) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = resolve_device(args.device)
+    peak = matmul_peak_flops(device)
+    print(f"  matmul fp32 peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
+    sim = simulate_clusters(hcp_acquisition(), args.n, snr=20.0, seed=args.seed)
+    y, _ = prepare_signals(sim.model, sim.noisy)
+    data = torch.from_numpy(y).to(device)
+    rows = []
+    for batch in args.batch_sizes:
+        opts = method_options(args.method, {"epochs": args.epochs, "batch_size": batch,
+                                            "patience": args.epochs + 1}, sim.model.name)
+        torch.manual_seed(args.seed)
+        net = build_network(args.method, sim.model, opts).to(device)
+        one = dict(opts, epochs=1)
+        with FlopCounterMode(display=False) as counter:
+            train_network(net, data, one, progress=False,
+                          generator=torch.Generator(device=device).manual_seed(args.seed))
+        flops_per_epoch = counter.get_total_flops()
+        torch.manual_seed(args.seed)
+        net = build_network(args.method, sim.model, opts).to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        info = train_network(net, data, opts, progress=False,
+                             generator=torch.Generator(device=device).manual_seed(args.seed))
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        epochs = int(info["epochs_run"])
+        achieved = flops_per_epoch * epochs / seconds
+        rows.append({"batch_size": batch, "epochs": epochs, "seconds": seconds,
+                     "voxel_epochs_per_s": len(y) * epochs / seconds,
+                     "flop_per_voxel_epoch": flops_per_epoch / len(y),
+                     "achieved_flops": achieved, "fraction_of_peak": achieved / peak})
+        print(f"  batch {batch}: {rows[-1]['voxel_epochs_per_s']:.0f} voxel-epochs/s, "
+              f"{achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of peak", flush=True)
+    return {"method": args.method, "n_voxels": len(y), "n_volumes": int(y.shape[1]),
+            "device": str(device), "threads": torch.get_num_threads(), "matmul_peak_flops": peak,
+            "runs": rows, "target_fraction": 0.30}
+
+
 # ---- science target ----------------------------------------------------------------------------
 def bench_science(args) -> dict:
     from vaemap_bids.fitting import fit
@@ -264,7 +327,7 @@ def science_table(row: dict, names) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["loop", "memory", "science", "_memory-child"])
+    ap.add_argument("what", choices=["loop", "memory", "science", "roofline", "_memory-child"])
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     ap.add_argument("--n", type=int, help="voxels (loop 100000, memory 900000, science 10000)")
     ap.add_argument("--epochs", type=int, help="epochs (loop 3, memory 1)")
@@ -273,20 +336,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="science seeds")
     ap.add_argument("--snr", type=float, default=20.0, help="science SNR")
     ap.add_argument("--options", help="science: JSON overrides of the network options")
+    ap.add_argument("--method", default="vaegmm", help="roofline: the network method")
+    ap.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+",
+                    default=[1024, 4096, 16384], help="roofline: batch sizes")
     ap.add_argument("--phase", choices=["train", "infer"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     defaults = {"loop": (100_000, 3), "memory": (900_000, 1), "_memory-child": (900_000, 1),
-                "science": (10_000, None)}[args.what]
+                "science": (10_000, None), "roofline": (50_000, 3)}[args.what]
     args.n = args.n or defaults[0]
     args.epochs = args.epochs or defaults[1]
     if args.what == "_memory-child":
         print(json.dumps(memory_child(args)))
         return 0
     print(f"## bench_training {args.what}  ({' '.join(sys.argv[1:])})", flush=True)
-    run = {"loop": bench_loop, "memory": bench_memory, "science": bench_science}[args.what]
+    run = {"loop": bench_loop, "memory": bench_memory, "science": bench_science,
+           "roofline": bench_roofline}[args.what]
     result = {"what": args.what, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "machine": machine(), "result": run(args)}
     if args.what == "loop":

@@ -29,3 +29,19 @@ def test_hcp_scale_benchmark_runs_at_a_tiny_size(tmp_path):
     assert {"prepare_series", "fit_msdki_lsq", "fit_msdki_ssl"} <= nodes
     assert all(row["wall_s"] >= 0 and row["peak_rss_gb"] > 0 for row in report["nodes"])
     assert not (tmp_path / "run").exists()                # generated on the fly, then removed
+
+
+def test_training_roofline_benchmark_counts_the_trainers_work(tmp_path):
+    out = tmp_path / "roofline.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_training.py"), "roofline", "--n", "600",
+         "--epochs", "1", "--batch-sizes", "256", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["result"]
+    assert result["matmul_peak_flops"] > 1e8
+    (run,) = result["runs"]
+    # vaegmm on 198 MS-DKI volumes: three hidden layers of width 198 and the heads, forward and
+    # backward, are some 10^5-10^6 FLOP per voxel and epoch
+    assert 1e5 < run["flop_per_voxel_epoch"] < 1e7
+    assert 0 < run["fraction_of_peak"] < 1.5
