@@ -82,3 +82,23 @@ def simulated_coverage(model: SignalModel, params: np.ndarray, valid: np.ndarray
     coverage = {} if std is None else coverage_table(est, std, truth, model, levels)
     return {"n_voxels": int(rows.size), "levels": [float(v) for v in levels],
             "coverage": coverage}
+
+
+def check_fit(model: SignalModel, result, sigma, *, options: dict | None = None,
+              device="cpu", n_voxels: int = 2000, seed: int = 0) -> dict | None:
+    """:func:`simulated_coverage` of a finished fit (a :class:`~vaemap_bids.fitting.FitResult`),
+    or None when it has no std or no σ is known. A network is checked with its trained encoder
+    (``result.predict``: amortised, no retraining); least squares by refitting."""
+    if result.std is None or sigma is None:
+        return None
+    estimate = getattr(result, "predict", None)
+    if estimate is None and result.method == "lsq":
+        def estimate(signals, sigma_rows):
+            from . import fit
+            refit = fit(model, signals, "lsq", device=device, seed=seed, options=options,
+                        progress=False, sigma=sigma_rows)
+            return refit.params, refit.std
+    if estimate is None:
+        return None
+    return simulated_coverage(model, result.params, result.valid, sigma, estimate,
+                              n_voxels=n_voxels, seed=seed)

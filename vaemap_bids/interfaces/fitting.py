@@ -76,10 +76,12 @@ class FitModel(SimpleInterface):
         from threadpoolctl import threadpool_info, threadpool_limits
 
         from ..fitting import fit
+        from ..fitting.calibration import check_fit
 
         threads = max(1, self.inputs.num_threads)  # the CPUs this node asked MultiProc for
         with np.load(self.inputs.signals_file) as data:
             signals = data["signals"]
+            sigma = data["sigma"] if "sigma" in data.files else None   # σ/S0 per row
             acq = Acquisition(data["bvals"], data["bvecs"])
         model = make_model(self.inputs.model, acq)
         before = torch.get_num_threads()
@@ -91,6 +93,10 @@ class FitModel(SimpleInterface):
                 result = fit(model, signals, self.inputs.method, device=self.inputs.device,
                              seed=self.inputs.seed, options=json.loads(self.inputs.options),
                              progress=self.inputs.progress)
+                # the std's coverage on voxels simulated like this series (report: calibration)
+                calibration = check_fit(model, result, sigma,
+                                        options=json.loads(self.inputs.options),
+                                        device=self.inputs.device, seed=self.inputs.seed)
         finally:
             torch.set_num_threads(before)
         quality = fit_quality(model, signals, result.params, result.valid)
@@ -120,6 +126,7 @@ class FitModel(SimpleInterface):
             "nrmse_mean": float(np.mean(nrmse_fitted)) if nrmse_fitted.size else None,
             "n_measurements": int(model.n_measurements),
             "threads": used,
+            "calibration": calibration,
         }
         record_file = os.path.join(runtime.cwd, "fit_record.json")
         with open(record_file, "w") as fobj:

@@ -29,7 +29,8 @@ MIN_INSET_VOXELS = 20
 
 
 #: The kinds of participant figures (the last part of their file names).
-FIGURE_KINDS = ("maps", "nrmse", "agreement", "training", "latent", "clusters", "std")
+FIGURE_KINDS = ("maps", "nrmse", "agreement", "training", "latent", "clusters", "std",
+                "calibration")
 
 
 def figure_name(prefix: str, model: str | None, kind: str) -> str:
@@ -374,6 +375,32 @@ def training_figure(path, histories: dict[str, dict]) -> Path:
             ax.yaxis.set_minor_formatter(NullFormatter())
         if key == "loss":
             ax.legend(fontsize=7, frameon=False)
+    return save(fig, path)
+
+
+def calibration_figure(path, coverage: dict[str, dict], params: list[str]) -> Path:
+    """Coverage of each method's intervals against their nominal level, one panel per parameter
+    (``coverage[method][param][level]``); a calibrated method lies on the diagonal."""
+    fig, axes = _grid(1, len(params), cell=2.6, extra_w=0.2, extra_h=0.6)
+    for ax, param in zip(axes[0], params):
+        ax.plot([0, 1], [0, 1], color="0.6", linewidth=0.8, linestyle=":")
+        drawn = False
+        for method, table in coverage.items():
+            levels = sorted((table.get(param) or {}).items(), key=lambda kv: float(kv[0]))
+            if levels:
+                ax.plot([float(k) for k, _ in levels], [v for _, v in levels], marker="o",
+                        markersize=3, color=method_colour(method), label=method, linewidth=1.3)
+                drawn = True
+        ax.set_title(param, fontsize=9)
+        ax.set_xlabel("nominal level", fontsize=8)
+        ax.set_ylabel("coverage", fontsize=8)
+        ax.set_xlim(0.4, 1.0)
+        ax.set_ylim(0.0, 1.02)
+        ax.tick_params(labelsize=7)
+        if not drawn:
+            _blank(ax, "no std")
+        elif param == params[0]:
+            ax.legend(fontsize=7, frameon=False, loc="lower right")
     return save(fig, path)
 
 

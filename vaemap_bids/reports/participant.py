@@ -27,6 +27,7 @@ log = logging.getLogger("vaemap.reports")
 SECTIONS = (("summary", "Summary"), ("maps", "Maps side by side"), ("fit-quality", "Fit quality"),
             ("agreement", "Agreement with LSQ"), ("training", "Training"),
             ("latent", "Latent space"), ("clusters", "vaegmm clusters and uncertainty"),
+            ("calibration", "Uncertainty calibration"),
             ("methods", "Methods and citations"))
 
 REFERENCES = (
@@ -293,7 +294,23 @@ class _SeriesReport:
             out["figures"]["std"] = href
         else:
             out["notes"]["std"] = "No posterior standard-deviation maps were written for this model."
+        self._calibration(model, methods, [p.label for p in scalars], out)
         return out
+
+    def _calibration(self, model: str, methods: list[str], params: list[str], out: dict) -> None:
+        checks = {m: (self.s.fit_record(model, m) or {}).get("calibration") for m in methods}
+        checks = {m: c for m, c in checks.items() if c and c.get("coverage")}
+        if not checks:
+            out["notes"]["calibration"] = ("No method with a standard deviation ran for this "
+                                           "model, so there is no coverage to check.")
+            return
+        path, href = self._fig(model, "calibration")
+        F.calibration_figure(path, {m: c["coverage"] for m, c in checks.items()}, params)
+        out["figures"]["calibration"] = href
+        out["calibration"] = [[m, _fmt(c.get("n_voxels"))] + [
+            _fmt((c["coverage"].get(p) or {}).get("0.95")) for p in params]
+            for m, c in checks.items()]
+        out["calibration_params"] = params
 
     def build(self) -> dict:
         ctx = {"prefix": self.s.prefix, "summary": self.summary(), "models": [],
