@@ -38,7 +38,7 @@ def test_names_follow_the_contract():
 
 def test_fit_outputs_follow_the_parameters_and_the_estimator(monkeypatch):
     kinds = lambda model, method: [o.kind for o in fit_outputs(SERIES, model, method)]  # noqa: E731
-    assert kinds("msdki", "lsq") == ["param", "param", "nrmse", "fit_record"]
+    assert kinds("msdki", "lsq") == ["param", "param", "std", "std", "nrmse", "fit_record"]
     assert kinds("ballstick", "vaegmm") == (["param"] * 4 + ["std"] * 3 + ["nrmse", "dseg",
                                             "dseg_tsv", "probseg", "latent", "fit_record"])
     # a direction has no std map; every file is required except the latent subsample

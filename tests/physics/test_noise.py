@@ -110,3 +110,68 @@ def test_noise_floor_and_bad_options():
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="n_coils"):
             check_noise_model("rician", bad)
+
+
+# ---- score and Fisher information (the lsq solver's step and its Cramer-Rao std) -------------
+@pytest.mark.parametrize("model,coils", [("rician", 1), ("ncchi", 3), ("gaussian", 1)])
+def test_score_is_the_derivative_of_the_nll(model, coils):
+    from vaemap_bids.physics.noise import nll_and_score, score
+
+    rng = np.random.default_rng(coils)
+    m = torch.tensor(rng.uniform(1e-3, 2.0, 400))
+    nu = torch.tensor(rng.uniform(1e-3, 1.5, 400), requires_grad=True)
+    negative_log_likelihood(m, nu, 0.07, model, coils).sum().backward()
+    got = score(m, nu.detach(), 0.07, model, coils)
+    assert torch.allclose(got, nu.grad, rtol=1e-8, atol=1e-8)
+    fused_nll, fused_score = nll_and_score(m, nu.detach(), 0.07, model, coils)
+    assert torch.allclose(fused_nll, negative_log_likelihood(m, nu.detach(), 0.07, model, coils))
+    assert torch.allclose(fused_score, got)
+    # without the constants: the same up to a term that does not depend on nu
+    lean = nll_and_score(m, nu.detach(), 0.07, model, coils, constants=False)[0]
+    lean2 = nll_and_score(m, nu.detach() * 0.5, 0.07, model, coils, constants=False)[0]
+    full2 = negative_log_likelihood(m, nu.detach() * 0.5, 0.07, model, coils)
+    assert torch.allclose(fused_nll - lean, full2 - lean2)
+
+
+@pytest.mark.parametrize("coils", [1, 4])
+def test_fisher_information_against_adaptive_quadrature(coils):
+    from scipy import integrate
+
+    from vaemap_bids.physics.noise import fisher_information
+
+    def exact(a):
+        L = coils
+
+        def density(x):
+            return np.exp(L * np.log(x) - (L - 1) * np.log(a) - (x - a) ** 2 / 2
+                          + np.log(special.ive(L - 1, x * a)))
+
+        def weighted(x):
+            return density(x) * (x * special.ive(L, x * a) / special.ive(L - 1, x * a) - a) ** 2
+
+        lo = max(0.0, a - 20)
+        return (integrate.quad(weighted, lo, a + 20, limit=200)[0]
+                / integrate.quad(density, lo, a + 20, limit=200)[0])
+
+    a = np.array([0.05, 0.5, 1.0, 1.37, 3.0, 10.0, 39.0, 60.0])
+    sigma = 0.02
+    got = fisher_information(torch.tensor(a * sigma), sigma, "ncchi", coils).numpy() * sigma ** 2
+    want = np.array([exact(v) for v in a])
+    assert np.allclose(got, want, rtol=2e-3)
+    # the information lost to the floor: 0 at nu = 0, 1 / sigma^2 far above it, never more
+    assert fisher_information(torch.tensor([0.0]), 1.0).item() == 0.0
+    assert np.all(got <= 1.0)
+    assert fisher_information(torch.tensor([3.0]), 0.5, "gaussian").item() == pytest.approx(4.0)
+
+
+def test_noise_options_name_the_coil_rule():
+    from vaemap_bids.physics.noise import check_noise_options, effective_coils
+
+    check_noise_options("ncchi", 8)
+    check_noise_options("gaussian", 1)
+    with pytest.raises(ValueError, match="ncchi"):
+        check_noise_options("rician", 4)
+    with pytest.raises(ValueError, match="unknown noise model"):
+        check_noise_options("chi2", 1)
+    assert effective_coils("rician") == 1 and effective_coils("ncchi", 4) == 4
+    assert effective_coils("gaussian", 1) == 0

@@ -3,6 +3,12 @@
 ``signals`` are b0-normalised (see :func:`vaemap_bids.physics.normalise_by_b0`), one row per
 voxel, with the volumes of the model's full acquisition (or only the volumes the model uses).
 Rows with a non-finite value are excluded, counted in the log, and NaN in the result.
+
+``sigma`` is the noise standard deviation of those b0-normalised signals (sigma / S0 of each
+voxel): a scalar, or one value per row of ``signals`` (subset to the fitted rows like the
+signals). The magnitude likelihoods (``noise_model`` rician / ncchi, the default) need it; when
+it is None it is estimated from the signals (:mod:`vaemap_bids.fitting.sigma`) and what was done
+is recorded in ``FitResult.hyperparameters['noise']``.
 """
 from __future__ import annotations
 
@@ -21,20 +27,49 @@ __all__ = ["fit", "FitResult", "METHODS", "NETWORK_METHODS", "DeviceUnavailableE
 
 
 def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", seed: int = 0,
-        options: dict | None = None, progress: bool = True) -> FitResult:
+        options: dict | None = None, progress: bool = True, sigma=None) -> FitResult:
     """Fit ``model`` to ``signals`` with ``method``; ``options`` override that method's defaults
-    (see ``vaemap_bids/data/hyperparameters.yaml``)."""
+    (see ``vaemap_bids/data/hyperparameters.yaml``); ``sigma``: see the module doc."""
+    from .options import check_options
+    from .sigma import check_sigma, estimate_normalised_sigma
+
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    opts = check_options(method, model.name, options)
     y, valid = prepare_signals(model, signals)
     n_bad = int((~valid).sum())
     if n_bad:
         log.warning("%s/%s: %d of %d voxels have non-finite signals and are excluded",
                     model.name, method, n_bad, valid.size)
+    rows = None
+    if sigma is not None:
+        arr = np.asarray(sigma, dtype=np.float64)
+        if arr.ndim == 0:
+            rows = check_sigma(arr, y.shape[0])
+        else:
+            arr = arr.reshape(-1) if arr.ndim == 2 and arr.shape[1] == 1 else arr
+            if arr.shape != (valid.size,):
+                raise ValueError(f"sigma must be a scalar or one value per row of signals "
+                                 f"({valid.size}), got shape {np.shape(sigma)}")
+            rows = check_sigma(arr[valid], y.shape[0])
     dev = resolve_device(device)
     if method == "lsq":
         from .lsq import fit_lsq
-        return fit_lsq(model, y, valid, device=dev, seed=seed, options=options, progress=progress)
+        return fit_lsq(model, y, valid, device=dev, seed=seed, options=options, progress=progress,
+                       sigma=rows)
+    noise_model = opts.get("noise_model", "gaussian")
+    n_coils = int(opts.get("n_coils", 1))
+    if rows is not None:
+        noise = {"sigma_source": "given"}
+    elif noise_model != "gaussian":
+        rows, noise = estimate_normalised_sigma(model, y, noise_model, n_coils, device=dev)
+    else:
+        noise = {"sigma_source": "not needed (gaussian)"}
+    from .lsq import _sigma_summary
+    noise = {"model": noise_model, "n_coils": n_coils, **noise,
+             **({} if rows is None else _sigma_summary(rows))}
     from .train import fit_network
-    return fit_network(model, y, valid, method, device=dev, seed=seed, options=options,
-                       progress=progress)
+    res = fit_network(model, y, valid, method, device=dev, seed=seed, options=options,
+                      progress=progress, sigma=rows)
+    res.hyperparameters["noise"] = {**noise, **dict(res.hyperparameters.get("noise") or {})}
+    return res

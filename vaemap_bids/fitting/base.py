@@ -25,7 +25,9 @@ class Estimator:
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
-    Estimator("lsq", "Voxelwise non-linear least squares.", network=False),
+    Estimator("lsq", "Voxelwise maximum likelihood (Rician or non-central chi magnitude "
+              "noise; Gaussian = non-linear least squares), with the Cramer-Rao standard "
+              "deviation at the estimate.", network=False, outputs=("std",)),
     Estimator("ssl", "Voxelwise self-supervised network (Lim et al. 2022): an MLP maps each "
               "voxel's signal to the model's parameters; the loss compares the model's predicted "
               "signal with the measured one.", network=True),
@@ -75,7 +77,8 @@ class FitResult:
 
     ``params`` rows are NaN where ``valid`` is False (voxels excluded for non-finite input).
     Network methods report the posterior-mean estimate (decoder(mu)); ``std`` is the per-voxel
-    posterior standard deviation from M samples of z (VAE methods only).
+    posterior standard deviation from M samples of z (VAE methods), the Cramer-Rao standard
+    deviation at the estimate for ``lsq``.
     """
 
     model: str

@@ -62,14 +62,28 @@ def load_config(path: str | Path) -> dict:
 
 def check_options(method: str, model: str, overrides: dict | None = None) -> dict:
     """Resolve and range-check the options of ``method`` on ``model`` without fitting anything
-    (so a command line can reject a bad value before any work starts); raises ValueError."""
+    (so a command line can reject a bad value before any work starts); raises ValueError.
+    Every method's ``noise_model``/``n_coils`` are checked here
+    (:func:`vaemap_bids.physics.noise.check_noise_options`)."""
     if method == "lsq":
         from .lsq import resolve_options
         return resolve_options(model, overrides)
     from .train import check_options as check_network_options
     opts = method_options(method, overrides, model)
     check_network_options(method, opts)
+    check_noise(method, opts)
     return opts
+
+
+def check_noise(method: str, opts: dict) -> None:
+    """The noise-model options of ``method`` (when it has them); raises ValueError."""
+    from ..physics.noise import check_noise_options
+
+    if "noise_model" in opts or "n_coils" in opts:
+        try:
+            check_noise_options(opts.get("noise_model", "rician"), opts.get("n_coils", 1))
+        except ValueError as exc:
+            raise ValueError(f"{method}: {exc}") from None
 
 
 def options_for(config: dict | None, method: str, model: str) -> dict:

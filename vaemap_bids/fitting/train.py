@@ -280,7 +280,7 @@ def predict(net: PhysicsNet, data: torch.Tensor, *, chunk: int, n_samples: int =
 
 def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: str, *,
                 device: torch.device, seed: int = 0, options: dict | None = None,
-                progress: bool = True) -> FitResult:
+                progress: bool = True, sigma=None) -> FitResult:
     """Train the ``method`` network on ``y`` (float32, (n_valid, model.n_measurements),
     b0-normalised signals of the finite voxels) and return full-length maps (NaN where
     ``valid`` is False). ``device`` is already resolved (see :func:`.resolve_device`)."""
