@@ -93,6 +93,7 @@ class Config:
     skip_bids_validation: bool = False
     validator: str = ""
     input_type: str = "bids"        # bids | hcp | fetch (the HCP data as given on the command line)
+                                    # | qsiprep (BIDS_DIR holds QSIPrep derivatives)
     hcp_source: str = ""            # the HCP tree or fetch target before conversion
     hcp_profile: str = ""           # AWS profile name only: credentials are never stored
     verbosity: int = 0
@@ -122,6 +123,11 @@ class Config:
     @property
     def uses_gpu(self) -> bool:
         return self.resolved_device.startswith("cuda")
+
+    @property
+    def source_dataset_name(self) -> str:
+        """The input's name in BIDS URIs (``bids:<name>:...``) and the output's DatasetLinks."""
+        return "qsiprep" if self.input_type == "qsiprep" else "raw"
 
     @property
     def runs_locally(self) -> bool:

@@ -94,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "from the hcp-openaccess S3 bucket and convert them into BIDS_DIR "
                              "(created when missing) before the participant level")
     source.add_argument("--input-type", "--input_type", dest="input_type",
-                        choices=("bids", "hcp"), default="bids",
+                        choices=("bids", "hcp", "qsiprep"), default="bids",
                         help="'hcp': BIDS_DIR is an HCP tree on disk (<id>/T1w/Diffusion/...), "
-                             "converted to BIDS in the work dir first (default: bids)")
+                             "converted to BIDS in the work dir first; 'qsiprep': BIDS_DIR is "
+                             "QSIPrep's output (*_desc-preproc_dwi with its gradients and "
+                             "*_desc-brain_mask, used as given; chosen by itself when "
+                             "dataset_description.json's GeneratedBy names QSIPrep) (default: "
+                             "bids)")
     hcp.add_argument("--hcp-profile", "--hcp_profile", dest="hcp_profile", default=None,
                      metavar="PROFILE",
                      help="AWS profile for --fetch-hcp (default: the standard AWS variables or "

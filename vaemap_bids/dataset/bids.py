@@ -142,6 +142,8 @@ class DwiSeries:
     bval: str
     bvec: str
     metadata: str | None = None
+    mask: str | None = None          # a brain mask given with the series (QSIPrep's), used as is
+    sources: list[str] | None = None  # the input files behind dwi/bval/bvec, when converted
 
     @property
     def prefix(self) -> str:
@@ -380,7 +382,7 @@ def plan_series(series: DwiSeries, models, explicit_models: bool, derivative_dir
     if n_nonfinite:
         log.warning("%s: %d voxels have NaN/Inf values; they are excluded from the fits",
                     series.dwi, n_nonfinite)
-    mask_file = find_derivative_mask(derivative_dirs, series.entities)
+    mask_file = series.mask or find_derivative_mask(derivative_dirs, series.entities)
     if mask_file is not None:
         log.info("%s: using the given mask %s", series.prefix, mask_file)
     elif derivative_dirs:

@@ -10,6 +10,20 @@ determinant (FSL's "radiological" voxel frame). vaemap fits in that frame unchan
 parameter is invariant to a fixed reflection of the gradient frame, and the ball-stick model sees
 its direction in it); only the written ``dir`` map is converted, by :func:`bvec_to_voxel_axes`,
 into the image's plain voxel axes (i, j, k), stated in its sidecar as ``OrientationEncoding``.
+
+Other gradient tables are converted into that one frame when they are read (QSIPrep input,
+:mod:`vaemap_bids.dataset.qsiprep`); with ``R`` the image affine's 3x3 part with unit columns
+(voxel axes in world coordinates) a vector ``v`` in the voxel axes is ``w = R v`` in the world:
+
+- QSIPrep's ``.bvec``: the image's plain voxel axes (i, j, k), without FSL's x flip. QSIPrep
+  writes LPS+ images, where voxel axes and LPS world axes coincide; its own ``.b`` is the
+  ``.bvec`` with x and y negated and its ``.b_table.txt`` repeats the ``.bvec`` numbers, and
+  QSIPrep's docs warn that MRtrix (which applies the FSL flip, since det > 0) misreads it.
+  :func:`voxel_to_bvec_frame` applies the flip.
+- MRtrix ``.b`` (rows ``x y z b``): the scanner (world, RAS+) frame: ``v = R^-1 w``, then the
+  flip (:func:`world_to_bvec_frame`); an oblique image rotates every vector.
+- QSIPrep's ``.b_table.txt`` (DSI Studio, rows ``b x y z``): the LPS+ world frame, i.e. RAS+ with
+  x and y negated, then as ``.b``.
 """
 from __future__ import annotations
 
@@ -96,3 +110,58 @@ def bvec_to_voxel_axes(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
     if np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]) > 0:
         out[..., 0] = -out[..., 0]
     return out
+
+
+def voxel_to_bvec_frame(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Vectors (..., 3) in the image's plain voxel axes (i, j, k) -> the ``.bvec`` (FSL) frame:
+    x flipped when ``det(affine) > 0`` (the flip is its own inverse)."""
+    return bvec_to_voxel_axes(vectors, affine).astype(np.float64)
+
+
+def world_to_bvec_frame(vectors: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Vectors (T, 3) in the world (scanner, RAS+) frame -> the ``.bvec`` frame of an image with
+    ``affine`` (oblique allowed): into the voxel axes by the inverse of the affine's unit-column
+    rotation (zooms removed), then FSL's x flip when ``det(affine) > 0``. Zero vectors (b0) stay 0."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    rot = a / np.linalg.norm(a, axis=0)
+    vox = np.linalg.solve(rot, np.asarray(vectors, dtype=np.float64).T).T
+    norms = np.linalg.norm(vox, axis=1, keepdims=True)
+    given = np.linalg.norm(np.asarray(vectors, dtype=np.float64), axis=1, keepdims=True)
+    vox = np.where(norms > 1e-12, vox / np.maximum(norms, 1e-12) * given, 0.0)
+    return voxel_to_bvec_frame(vox, affine)
+
+
+#: LPS+ world coordinates -> RAS+ (and back): x and y change sign.
+LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
+
+
+def read_mrtrix_b(path) -> tuple[np.ndarray, np.ndarray]:
+    """(b-values in s/mm^2, directions (T, 3) in the world RAS+ frame) of an MRtrix ``.b`` file
+    (one row ``x y z b`` per volume)."""
+    values = _read_numbers(path, "MRtrix gradient table (.b)")
+    if values.ndim != 2 or values.shape[1] != 4:
+        raise ValueError(f"{path}: an MRtrix .b file has one row 'x y z b' per volume, found "
+                         f"rows of {values.shape[-1]} values")
+    if np.any(values[:, 3] < 0):
+        raise ValueError(f"{path}: negative b-value {values[:, 3].min():g}")
+    return values[:, 3].copy(), values[:, :3].copy()
+
+
+def read_dsistudio_btable(path) -> tuple[np.ndarray, np.ndarray]:
+    """(b-values in s/mm^2, directions (T, 3) in the world RAS+ frame) of QSIPrep's DSI Studio
+    ``.b_table.txt`` (one row ``b x y z`` per volume, vectors in LPS+ world coordinates)."""
+    values = _read_numbers(path, "DSI Studio b-table (.b_table.txt)")
+    if values.ndim != 2 or values.shape[1] != 4:
+        raise ValueError(f"{path}: a b_table.txt has one row 'b x y z' per volume, found rows "
+                         f"of {values.shape[-1]} values")
+    if np.any(values[:, 0] < 0):
+        raise ValueError(f"{path}: negative b-value {values[:, 0].min():g}")
+    return values[:, 0].copy(), values[:, 1:] * LPS_TO_RAS
+
+
+def fsl_gradient_text(bvals_smm2: np.ndarray, bvecs: np.ndarray) -> tuple[str, str]:
+    """The text of a ``.bval`` (one row) and ``.bvec`` (3 rows) file."""
+    bval = " ".join(f"{b:.6g}" for b in np.asarray(bvals_smm2, dtype=np.float64)) + "\n"
+    bvec = "\n".join(" ".join(f"{v:.8f}" for v in row)
+                     for row in np.asarray(bvecs, dtype=np.float64).T) + "\n"
+    return bval, bvec

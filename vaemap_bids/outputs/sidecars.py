@@ -17,8 +17,9 @@ PAPER_URL = "https://arxiv.org/abs/2411.10772"
 
 # ---- dataset level ---------------------------------------------------------------------------
 
-def dataset_description(seed: int, source_dir=None) -> dict:
-    """``dataset_description.json`` of the output dataset."""
+def dataset_description(seed: int, source_dir=None, source_name: str = "raw") -> dict:
+    """``dataset_description.json`` of the output dataset (``source_name``: the input's name
+    in the sidecars' BIDS URIs, ``bids:<source_name>:...``, linked in ``DatasetLinks``)."""
     desc = {
         "Name": "vaemap: diffusion-MRI parameter maps",
         "BIDSVersion": "1.10.0",
@@ -34,6 +35,7 @@ def dataset_description(seed: int, source_dir=None) -> dict:
     }
     if source_dir is not None:
         desc["SourceDatasets"] = [{"URL": Path(source_dir).resolve().as_uri()}]
+        desc["DatasetLinks"] = {source_name: Path(source_dir).resolve().as_uri()}
     return desc
 
 
@@ -41,11 +43,12 @@ def bidsignore_text() -> str:
     return (files("vaemap_bids") / "data" / "bidsignore").read_text()
 
 
-def write_dataset_files(output_dir, seed: int, source_dir=None) -> None:
+def write_dataset_files(output_dir, seed: int, source_dir=None, source_name: str = "raw") -> None:
     """``dataset_description.json`` and ``.bidsignore`` (the model-/param- names of BEP016 are
     not in the validator's schema yet)."""
     output_dir = Path(output_dir)
-    write_json_atomic(output_dir / "dataset_description.json", dataset_description(seed, source_dir))
+    write_json_atomic(output_dir / "dataset_description.json",
+                      dataset_description(seed, source_dir, source_name))
     write_text_atomic(output_dir / ".bidsignore", bidsignore_text())
 
 

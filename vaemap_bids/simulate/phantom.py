@@ -8,7 +8,9 @@ brain (a random global scale of +-4 % and a shift of up to one voxel).
 Grid: an isotropic voxel just large enough for the brain (1 voxel margin), centred on it, in the
 orientation ``orientation`` (default LAS: the first voxel axis runs right -> left, so the
 affine has a negative determinant, which is also FSL's "radiological" convention, where the
-bvec frame equals the voxel-axis frame). Any nibabel axis code (e.g. "RAS", "LPI") works.
+bvec frame equals the voxel-axis frame). Any nibabel axis code (e.g. "RAS", "LPI") works;
+``oblique_deg`` tilts the grid (about x by that angle, then about z by half of it), as an
+oblique acquisition does.
 
 Parameters: each tissue (GM, WM, CSF) has nominal values (:data:`TISSUE_PARAMETERS`), modulated
 by its own smooth random field (+-8 % std, a few cycles across the brain); a voxel's truth is the
@@ -239,11 +241,26 @@ def _orientation(orientation: str) -> np.ndarray:
     return ornt
 
 
-def _oriented_affine(shape, voxel: float, centre_world: np.ndarray, orientation: str) -> np.ndarray:
+def oblique_rotation(oblique_deg: float) -> np.ndarray:
+    """The world rotation of an oblique grid: about x by ``oblique_deg``, then about z by half."""
+    a, b = np.deg2rad(float(oblique_deg)), np.deg2rad(float(oblique_deg)) / 2
+    rx = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(a), -np.sin(a)], [0.0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0.0], [np.sin(b), np.cos(b), 0.0], [0.0, 0.0, 1.0]])
+    return rz @ rx
+
+
+def _axis_directions(orientation: str, oblique_deg: float = 0.0) -> np.ndarray:
+    """3x3: column a is voxel axis a's unit direction in world coordinates."""
     ornt = _orientation(orientation)
     rot = np.zeros((3, 3))
     for vox_axis, (world_axis, sign) in enumerate(ornt):
-        rot[int(world_axis), vox_axis] = sign * voxel
+        rot[int(world_axis), vox_axis] = sign
+    return oblique_rotation(oblique_deg) @ rot if oblique_deg else rot
+
+
+def _oriented_affine(shape, voxel: float, centre_world: np.ndarray, orientation: str,
+                     oblique_deg: float = 0.0) -> np.ndarray:
+    rot = _axis_directions(orientation, oblique_deg) * voxel
     affine = np.eye(4)
     affine[:3, :3] = rot
     affine[:3, 3] = centre_world - rot @ ((np.asarray(shape) - 1) / 2.0)
@@ -251,7 +268,7 @@ def _oriented_affine(shape, voxel: float, centre_world: np.ndarray, orientation:
 
 
 def brain_anatomy(shape=(24, 28, 20), *, orientation: str = "LAS", scale: float = 1.0,
-                  shift_vox=(0.0, 0.0, 0.0)) -> Anatomy:
+                  shift_vox=(0.0, 0.0, 0.0), oblique_deg: float = 0.0) -> Anatomy:
     """MNI152 tissue probabilities resampled onto a ``shape`` grid in ``orientation``.
 
     The isotropic voxel is the smallest that fits the brain's bounding box with a 1 voxel margin
@@ -266,10 +283,13 @@ def brain_anatomy(shape=(24, 28, 20), *, orientation: str = "LAS", scale: float 
     hi_w = src_affine[:3, :3] @ inside.max(axis=0) + src_affine[:3, 3]
     extent, centre = np.abs(hi_w - lo_w) + 2.0, (lo_w + hi_w) / 2.0
     # Voxel axes of the target in world axes: the extent each voxel axis must cover.
-    ornt = _orientation(orientation)
-    axis_extent = np.array([extent[int(w)] for w, _ in ornt])
+    if oblique_deg:  # the extent of the brain's box along each tilted voxel axis
+        axis_extent = np.abs(_axis_directions(orientation, oblique_deg)).T @ extent
+    else:
+        ornt = _orientation(orientation)
+        axis_extent = np.array([extent[int(w)] for w, _ in ornt])
     voxel = float(np.max(axis_extent / (np.asarray(shape) - 2))) * float(scale)
-    affine = _oriented_affine(shape, voxel, centre, orientation)
+    affine = _oriented_affine(shape, voxel, centre, orientation, oblique_deg)
     # Target voxel centres (shifted) -> source voxel coordinates.
     grid = np.indices(shape, dtype=np.float64).reshape(3, -1) + np.asarray(shift_vox)[:, None]
     world = affine[:3, :3] @ grid + affine[:3, 3:4]
@@ -405,7 +425,8 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
                           shape=(24, 28, 20), acquisition: Acquisition | None = None,
                           snr: float = 30.0, seed: int = 0, dtype: str = "int16",
                           s0: float = 1000.0, runs=None, acq_label: str | None = None,
-                          interleave: bool = True, orientation: str = "LAS") -> dict:
+                          interleave: bool = True, orientation: str = "LAS",
+                          oblique_deg: float = 0.0) -> dict:
     """Write a small valid BIDS raw dataset of synthetic DWI to ``bids_dir`` and its ground
     truth to ``truth_dir`` (which must not be inside ``bids_dir``).
 
@@ -413,7 +434,8 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
     run indices (``None``: no run entity); ``acq_label`` the ``acq-`` entity. ``model`` is the
     signal model that makes the data ("msdki" or "ballstick"). ``acquisition`` defaults to
     :func:`demo_acquisition` (interleaved if ``interleave``); a given one is written in its own
-    volume order. An existing ``bids_dir`` is added to (its description is kept, participants
+    volume order. ``orientation`` and ``oblique_deg`` set the grid (see the module
+    docstring). An existing ``bids_dir`` is added to (its description is kept, participants
     are merged). Every subject has its own anatomy jitter and parameter fields; every series its
     own noise. The same arguments give byte-identical files.
 
@@ -454,7 +476,7 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
     if dtype == "int16" and s0 * max_s0 * (1 + 6.0 / snr) > _INT16_MAX:
         raise ValueError(f"s0 = {s0} would overflow int16; lower it or use dtype='float32'")
 
-    brain_anatomy(shape, orientation=orientation)  # shape/orientation errors before any write
+    brain_anatomy(shape, orientation=orientation, oblique_deg=oblique_deg)  # errors before writes
     bids_dir.mkdir(parents=True, exist_ok=True)
     truth_dir.mkdir(parents=True, exist_ok=True)
     out = {"bids_dir": bids_dir, "truth_dir": truth_dir, "series": [],
@@ -475,6 +497,7 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
     subject_seeds = np.random.SeedSequence(seed).spawn(len(subjects))
     truth_record = {"model": model, "seed": int(seed), "snr": float(snr), "s0": float(s0),
                     "dtype": dtype, "shape": list(map(int, shape)), "orientation": orientation,
+                    "oblique_deg": float(oblique_deg),
                     "noise": "Rician, sigma = s0 / snr in both channels (b0 SNR of nominal WM)",
                     "b_max_smm2": b_max * 1e3, "tissue_labels": TISSUE_LABELS,
                     "tissue_parameters": TISSUE_PARAMETERS[model], "tissue_s0": TISSUE_S0,
@@ -494,7 +517,8 @@ def write_phantom_dataset(bids_dir, truth_dir, *, subjects=("01",), sessions=Non
                                           for i, s in enumerate(sub_seed.spawn(3)))
         anatomy = brain_anatomy(shape, orientation=orientation,
                                 scale=float(anat_rng.uniform(0.96, 1.04)),
-                                shift_vox=anat_rng.uniform(-1.0, 1.0, 3))
+                                shift_vox=anat_rng.uniform(-1.0, 1.0, 3),
+                                oblique_deg=oblique_deg)
         maps = tissue_parameters(model, anatomy, param_rng, b_max)
         mask = anatomy.mask
         s0_map = np.zeros(shape)

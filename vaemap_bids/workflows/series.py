@@ -32,10 +32,11 @@ def series_workflow_name(plan: SeriesPlan) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", plan.series.prefix) + "_wf"
 
 
-def bids_uri(path: str, bids_dir: str) -> str:
-    """``bids:raw:sub-01/dwi/...`` for a file of the input dataset (the BIDS ``Sources`` form)."""
+def bids_uri(path: str, bids_dir: str, dataset: str = "raw") -> str:
+    """``bids:raw:sub-01/dwi/...`` for a file of the input dataset (the BIDS ``Sources`` form;
+    ``dataset`` is the input's name in the output's ``DatasetLinks``: raw, or qsiprep)."""
     try:
-        return "bids:raw:" + str(Path(path).resolve().relative_to(Path(bids_dir).resolve()))
+        return f"bids:{dataset}:" + str(Path(path).resolve().relative_to(Path(bids_dir).resolve()))
     except ValueError:
         return Path(path).resolve().as_uri()
 
@@ -59,7 +60,8 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     series = plan.series
     wf = pe.Workflow(name=name or series_workflow_name(plan))
     out_dir = str(Path(config.output_dir).resolve())
-    sources = [bids_uri(p, config.bids_dir) for p in (series.dwi, series.bval, series.bvec)]
+    sources = [bids_uri(p, config.bids_dir, config.source_dataset_name)
+               for p in (series.sources or (series.dwi, series.bval, series.bvec))]
     cap = config.effective_mem_gb()
     device = config.resolved_device or "cpu"   # "auto" with a cluster plugin: the node decides
     omp = config.effective_omp_nthreads()
