@@ -87,6 +87,7 @@ class Config:
     seed: int = 0
     config_file: str = ""
     hyperparameters: dict = field(default_factory=dict)
+    noise_model: str = ""           # --noise-model for every method ("" = the hyper-parameters')
     derivatives: list[str] = field(default_factory=list)
     plugin: str = "MultiProc"
     plugin_args: dict = field(default_factory=dict)
@@ -104,6 +105,16 @@ class Config:
     version: str = __version__
 
     # ---- derived settings -------------------------------------------------------------------
+    def fit_options(self, method: str, model: str) -> dict:
+        """The resolved hyper-parameters of ``method`` on ``model``: packaged defaults, the
+        ``--config`` file, then ``--noise-model``."""
+        from .fitting.options import options_for
+
+        opts = options_for(self.hyperparameters, method, model)
+        if self.noise_model:
+            opts["noise_model"] = self.noise_model
+        return opts
+
     def effective_nprocs(self) -> int:
         return self.nprocs if self.nprocs > 0 else (os.cpu_count() or 1)
 

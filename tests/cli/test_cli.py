@@ -173,3 +173,23 @@ def test_group_level_with_no_subject_exits_18(capsys, tmp_path):
     code = main([str(bids), str(tmp_path / "out"), "group"])
     assert code == 18
     assert "no participant to report on" in capsys.readouterr().err
+
+
+def test_noise_model_flag_reaches_every_fit_and_round_trips(tmp_path, bids_dir, capsys):
+    config = build_config(parse_args([str(bids_dir), str(tmp_path / "out"), "participant",
+                                      "-w", str(tmp_path / "w"), "--noise-model", "gaussian"]))
+    assert config.noise_model == "gaussian"
+    for method in ("lsq", "ssl", "vaeunig", "vaegmm"):
+        assert config.fit_options(method, "msdki")["noise_model"] == "gaussian"
+    default = build_config(parse_args([str(bids_dir), str(tmp_path / "out"), "participant",
+                                       "-w", str(tmp_path / "w2")]))
+    assert default.fit_options("vaegmm", "ballstick")["noise_model"] == "rician"
+    again = build_config(parse_args(["--config-file", str(config.write_toml(config.toml_path()))]))
+    assert again.noise_model == "gaussian"
+    assert main([str(bids_dir), str(tmp_path / "out"), "participant", "--noise-model",
+                 "poisson"]) == 64
+    assert "--noise-model" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vaegmm:\n  noise_model: poisson\n")
+    assert main([str(bids_dir), str(tmp_path / "out"), "participant", "--config", str(bad)]) == 64
+    assert "poisson" in capsys.readouterr().err

@@ -55,6 +55,9 @@ def run(tmp_path_factory):
     return {"root": root, "out": root / "out", "work": root / "work", "phantom": phantom}
 
 
+STD_METHODS = {"lsq", "vaeunig", "vaegmm"}     # methods that write stat-std maps
+
+
 def expected_manifest() -> set[str]:
     """The contract (ARCHITECTURE.md section 3), spelt out: the table is not asked."""
     dwi, log = "sub-01/dwi", "sub-01/log"
@@ -70,7 +73,7 @@ def expected_manifest() -> set[str]:
             pre = f"sub-01_model-{model}_desc-{method}"
             for param in PARAMS[model]:
                 nifti(f"{pre}_param-{param}_dwimap")
-                if method.startswith("vae") and param != "dir":
+                if method in STD_METHODS and param != "dir":
                     nifti(f"{pre}_param-{param}_stat-std_dwimap")
             nifti(f"{pre}_stat-nrmse_dwimap")
             names.add(f"{log}/{pre}_fit.json")
@@ -125,6 +128,10 @@ def test_sidecars_follow_bep016(run):
     std = json.loads((dwi / "sub-01_model-msdki_desc-vaegmm_param-msd_stat-std_dwimap.json")
                      .read_text())
     assert std["Units"] == "um^2/ms" and "standard deviation" in std["Description"]
+    noise = side["Model"]["Noise"]
+    assert noise["model"] == "rician" and noise["series_estimate"]["method"] == "b0"
+    assert noise["sigma_source"] == "given" and noise["series_estimate"]["value"] > 0
+    assert "noise" not in side["Model"]["Parameters"]
     kurt = json.loads((dwi / "sub-01_model-msdki_desc-lsq_param-msk_dwimap.json").read_text())
     assert kurt["Model"]["FitMethod"] == "lsq" and kurt["Units"] == "arbitrary"
     direction = json.loads((dwi / "sub-01_model-ballstick_desc-ssl_param-dir_dwimap.json")

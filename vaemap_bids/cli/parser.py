@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
                      default=list(METHODS),
                      help=f"estimators, from {', '.join(METHODS)} (default: all)")
+    mod.add_argument("--noise-model", "--noise_model", dest="noise_model",
+                     choices=("rician", "gaussian"), default=None,
+                     help="likelihood of every estimator: rician (magnitude data, the default of "
+                          "the hyper-parameters) or gaussian (plain least squares; reads the "
+                          "noise floor as signal). Non-central chi with n coils: noise_model: "
+                          "ncchi and n_coils in a --config file")
     mod.add_argument("--config", dest="config_file", type=Path, metavar="HYPERPARAMS.yaml",
                      help="YAML overriding estimator hyper-parameters: {method or "
                           "method@model: {option: value}} (defaults: "

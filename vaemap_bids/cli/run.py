@@ -137,7 +137,8 @@ def _args_from_config(config: Config, args) -> argparse.Namespace:
         seed=config.seed, config_file=None, derivatives=config.derivatives, use_plugin=None,
         skip_bids_validation=config.skip_bids_validation, verbosity=config.verbosity,
         fetch_hcp=False, input_type="qsiprep" if config.input_type == "qsiprep" else "bids",
-        hcp_profile=None, run_config=None, given={"input_type"})
+        hcp_profile=None, run_config=None, noise_model=config.noise_model or None,
+        given={"input_type"})
     for dest in args.given:
         setattr(ns, dest, getattr(args, dest))
     return ns
@@ -188,12 +189,14 @@ def build_config(args) -> Config:
         config_file = str(Path(args.config_file).resolve())
     elif saved is not None:  # the hyper-parameters as that run used them, not the file now
         hyper, config_file = saved.hyperparameters, saved.config_file
-    from ..fitting.options import check_options, options_for
+    from ..fitting.options import check_options
     from ..physics import available_models
+    probe = Config(bids_dir="", output_dir="", hyperparameters=hyper,
+                   noise_model=args.noise_model or "")
     for model in args.models or available_models():
         for method in dict.fromkeys(args.methods):
             try:
-                check_options(method, model, options_for(hyper, method, model))
+                check_options(method, model, probe.fit_options(method, model))
             except ValueError as exc:
                 where = f"{config_file}: " if config_file else ""
                 raise VaemapError(f"{where}{exc}", ExitCode.USAGE) from None
@@ -215,7 +218,7 @@ def build_config(args) -> Config:
         models_explicit=bool(args.models), methods=list(dict.fromkeys(args.methods)),
         work_dir=str(work_dir), device=args.device, nprocs=args.nprocs or 0,
         omp_nthreads=args.omp_nthreads or 0, mem_gb=args.mem_gb or 0.0, seed=args.seed,
-        config_file=config_file, hyperparameters=hyper,
+        config_file=config_file, hyperparameters=hyper, noise_model=args.noise_model or "",
         derivatives=[str(Path(d).resolve()) for d in args.derivatives],
         plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
         verbosity=args.verbosity, input_type=input_type)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..physics import Acquisition, normalise_by_b0
 from .image import ImageInfo, open_image
+from .noise import normalised_sigma, pooled_repeat_sigma
 
 
 @dataclass
@@ -25,6 +26,13 @@ class PreparedSeries:
     valid: np.ndarray          # (N,) bool: finite, plausible input and a positive mean b0
     excluded: dict             # {"nonfinite": n, "implausible": n, "nonpositive_b0": n}
     acquisition: Acquisition   # the volumes kept (the signals' columns)
+    sigma: float | None = None  # noise sigma in image units (None: no honest series estimate)
+    noise: dict | None = None   # how sigma was estimated (dataset.noise.estimate_series_sigma)
+
+    @property
+    def normalised_sigma(self) -> np.ndarray | None:
+        """sigma / S0 per row: the noise of the b0-normalised signals (NaN where S0 <= 0)."""
+        return None if self.sigma is None else normalised_sigma(self.sigma, self.s0)
 
     @property
     def valid_volume(self) -> np.ndarray:
@@ -41,13 +49,18 @@ MAX_MAGNITUDE = 1e15
 
 
 def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | None = None,
-                   mask_source: str = "") -> PreparedSeries:
+                   mask_source: str = "", n_coils: int = 1) -> PreparedSeries:
     """The mask's voxels of the kept volumes (all by default), read in one pass over the image
     (one open) and divided by their mean b0.
 
     Voxels with a non-finite or implausible value (beyond MAX_MAGNITUDE, or MAX_SIGNAL_RATIO
     times their mean b0), or whose mean b0 is not positive, stay as NaN rows (row i is always
-    the mask's i-th voxel), are counted, and are left out of every fit."""
+    the mask's i-th voxel), are counted, and are left out of every fit.
+
+    The noise sigma comes from the same pass: the spread of the repeated b0 volumes of the valid
+    voxels (:func:`vaemap_bids.dataset.noise.pooled_repeat_sigma`) when at least two are kept;
+    with fewer there is no honest series estimate from the brain alone (``sigma`` None) and each
+    fit estimates it from its own residuals (recorded in its sidecars)."""
     mask = np.asarray(mask, dtype=bool)
     keep = np.ones(acq.n_volumes, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     if keep.size != acq.n_volumes:
@@ -68,6 +81,7 @@ def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | N
     huge = finite & np.any(np.abs(raw) > MAX_MAGNITUDE, axis=1)
     raw[huge] = np.nan
     normalised, s0, valid = normalise_by_b0(raw, kept)
+    sigma, noise = series_sigma(raw[:, kept.b0_mask][valid], n_coils)  # (N, n_b0): small
     del raw
     implausible = valid & np.any(np.abs(normalised) > MAX_SIGNAL_RATIO, axis=1)
     valid &= ~implausible
@@ -78,7 +92,26 @@ def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | N
     if not valid.any():
         raise ValueError(f"{dwi}: no brain voxel has finite, plausible values and a positive "
                          "mean b0")
-    return PreparedSeries(info, mask, mask_source, normalised, s0, valid, excluded, kept)
+    return PreparedSeries(info, mask, mask_source, normalised, s0, valid, excluded, kept,
+                          sigma, noise)
+
+
+def series_sigma(b0_rows: np.ndarray, n_coils: int = 1) -> tuple[float | None, dict]:
+    """sigma (image units) from the b0 repeats of the brain's voxels (rows, n_b0), and how."""
+    n_b0 = int(b0_rows.shape[1])
+    info = {"n_b0": n_b0, "n_coils": int(n_coils)}
+    if n_b0 < 2:
+        info.update(method="none", value=None, reason=(
+            f"{n_b0} b0 volume: the b0 spread needs at least 2; each fit estimates sigma from "
+            "its own residuals"))
+        return None, info
+    try:
+        sigma, extra = pooled_repeat_sigma(b0_rows, n_coils)
+    except ValueError as exc:           # b0 repeats that do not vary (copies, denoised data)
+        info.update(method="none", value=None, reason=f"b0 spread unusable: {exc}")
+        return None, info
+    info.update(method="b0", value=sigma, **extra)
+    return sigma, info
 
 
 def nrmse(measured: np.ndarray, predicted: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", 
     """Fit ``model`` to ``signals`` with ``method``; ``options`` override that method's defaults
     (see ``vaemap_bids/data/hyperparameters.yaml``); ``sigma``: see the module doc."""
     from .options import check_options
-    from .sigma import check_sigma, estimate_normalised_sigma
+    from .sigma import NoNoiseError, check_sigma, estimate_normalised_sigma
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
@@ -62,7 +62,13 @@ def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", 
     if rows is not None:
         noise = {"sigma_source": "given"}
     elif noise_model != "gaussian":
-        rows, noise = estimate_normalised_sigma(model, y, noise_model, n_coils, device=dev)
+        try:
+            rows, noise = estimate_normalised_sigma(model, y, noise_model, n_coils, device=dev)
+        except NoNoiseError as exc:
+            log.warning("%s/%s: %s; training with the Gaussian likelihood", model.name, method,
+                        exc)
+            noise_model, noise = "gaussian", {"sigma_source": "none (noise-free signals)"}
+            options = {**(options or {}), "noise_model": "gaussian"}
     else:
         noise = {"sigma_source": "not needed (gaussian)"}
     from .lsq import _sigma_summary

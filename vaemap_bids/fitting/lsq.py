@@ -119,7 +119,7 @@ def fit_lsq(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, device: tor
 
     Returns a :class:`FitResult` whose rows follow ``valid`` (NaN where it is False), with the
     Cramer-Rao ``std`` (torch solver)."""
-    from .sigma import check_sigma, estimate_normalised_sigma
+    from .sigma import NoNoiseError, check_sigma, estimate_normalised_sigma
 
     opts = resolve_options(model, options)
     y = np.asarray(y, dtype=np.float32)
@@ -138,7 +138,12 @@ def fit_lsq(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, device: tor
                     grid_dpar=opts["grid_dpar"], grid_diso=opts["grid_diso"])
     fitted_model = "gaussian" if opts["solver"] == "reference" else noise_model
     if sigma is None:
-        sigma, noise = estimate_normalised_sigma(model, y, fitted_model, n_coils, **settings)
+        try:
+            sigma, noise = estimate_normalised_sigma(model, y, fitted_model, n_coils, **settings)
+        except NoNoiseError as exc:
+            log.warning("%s/lsq: %s; fitting Gaussian least squares", model.name, exc)
+            noise_model = fitted_model = "gaussian"
+            sigma, noise = NOISE_FREE_SIGMA, {"sigma_source": "none (noise-free signals)"}
     else:
         sigma = check_sigma(sigma, y.shape[0])
         noise = {"sigma_source": "given"}
@@ -169,6 +174,9 @@ def fit_lsq(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, device: tor
                               "voxels_per_second": y.shape[0] / max(seconds, 1e-12)},
                      device=used_device, seed=int(seed))
 
+
+#: sigma/S0 used for the std of signals without measurable noise (its std is then ~0, honestly)
+NOISE_FREE_SIGMA = 1e-6
 
 STD_DESCRIPTION = {
     "gaussian": "Cramer-Rao sd of least squares at the estimate: sigma^2 (J^T J)^-1, with the "

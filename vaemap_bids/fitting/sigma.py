@@ -27,6 +27,11 @@ import numpy as np
 from ..physics.base import SignalModel
 
 
+class NoNoiseError(ValueError):
+    """The signals hold no measurable noise (simulated noise-free data, copies): a magnitude
+    likelihood has nothing to work with, and the fit falls back on Gaussian least squares."""
+
+
 def check_sigma(sigma, n_rows: int):
     """``sigma`` as a positive finite float or a float64 array (n_rows,); raises ValueError."""
     arr = np.asarray(sigma, dtype=np.float64)
@@ -57,7 +62,7 @@ def estimate_normalised_sigma(model: SignalModel, y: np.ndarray, noise_model: st
     n_b0 = int(b0.sum())
     magnitude = noise_model != "gaussian"
     coils = int(n_coils) if magnitude else 1
-    if n_b0 >= 2:
+    if n_b0 >= 2 and np.any(np.ptp(y[:, b0], axis=1) > 0):
         sigma, extra = pooled_repeat_sigma(y[:, b0], coils, magnitude=magnitude)
         return sigma, {"sigma_source": "b0-repeats", "n_b0": n_b0,
                        "n_voxels": extra["n_voxels"]}
@@ -75,7 +80,8 @@ def estimate_normalised_sigma(model: SignalModel, y: np.ndarray, noise_model: st
     rss = np.sum((y - pred) ** 2, axis=1) / dof
     rss = rss[np.isfinite(rss) & (rss > 0)]
     if rss.size == 0:
-        raise ValueError("cannot estimate sigma: the least-squares residuals are all zero")
+        raise NoNoiseError("the b0 repeats do not vary and the least-squares residuals are all "
+                           "zero: no noise to estimate sigma from")
     sigma = float(np.sqrt(np.median(rss) / (stats.chi2.median(dof) / dof)))
     return sigma, {"sigma_source": "gaussian-residuals", "n_b0": n_b0, "dof": int(dof),
                    "n_voxels": int(rss.size)}

@@ -82,6 +82,7 @@ class FitModel(SimpleInterface):
         with np.load(self.inputs.signals_file) as data:
             signals = data["signals"]
             sigma = data["sigma"] if "sigma" in data.files else None   # σ/S0 per row
+            series_noise = json.loads(str(data["noise"])) if "noise" in data.files else None
             acq = Acquisition(data["bvals"], data["bvecs"])
         model = make_model(self.inputs.model, acq)
         before = torch.get_num_threads()
@@ -92,7 +93,9 @@ class FitModel(SimpleInterface):
                         "blas": max([p["num_threads"] for p in threadpool_info()], default=1)}
                 result = fit(model, signals, self.inputs.method, device=self.inputs.device,
                              seed=self.inputs.seed, options=json.loads(self.inputs.options),
-                             progress=self.inputs.progress)
+                             progress=self.inputs.progress, sigma=sigma)
+                if series_noise is not None:
+                    result.hyperparameters.setdefault("noise", {})["series_estimate"] = series_noise
                 # the std's coverage on voxels simulated like this series (report: calibration)
                 calibration = check_fit(model, result, sigma,
                                         options=json.loads(self.inputs.options),

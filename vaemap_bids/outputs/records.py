@@ -51,6 +51,7 @@ def series_summary(plan: dict, methods: list[str], mask_info: dict, fit_records:
                  "excluded_nonfinite": excluded.get("nonfinite", 0),
                  "excluded_implausible": excluded.get("implausible", 0),
                  "excluded_nonpositive_b0": excluded.get("nonpositive_b0", 0)},
+        "noise": mask_info.get("noise"),
         "models": models,
         "device": device,
         "seed": seed,

@@ -55,7 +55,10 @@ def write_dataset_files(output_dir, seed: int, source_dir=None, source_name: str
 # ---- sidecars --------------------------------------------------------------------------------
 
 def model_block(model_info: dict, method: str, hyperparameters: dict) -> dict:
-    """The BEP016 ``Model`` object: what was fitted and how."""
+    """The BEP016 ``Model`` object: what was fitted and how; the likelihood and the noise level
+    the fit used go in a ``Noise`` block of their own (they are not tuning knobs)."""
+    hyperparameters = dict(hyperparameters)
+    noise = hyperparameters.pop("noise", None)
     return {
         "Name": model_info["Name"],
         "LongName": model_info.get("LongName"),
@@ -65,6 +68,7 @@ def model_block(model_info: dict, method: str, hyperparameters: dict) -> dict:
         "FitMethod": method,
         "FitMethodDescription": ESTIMATORS[method].description if method in ESTIMATORS else method,
         "Parameters": hyperparameters,
+        **({"Noise": noise} if noise else {}),
     }
 
 

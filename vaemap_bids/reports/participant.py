@@ -125,6 +125,12 @@ class _SeriesReport:
             ("Voxels excluded (implausible values)", _fmt(mask.get("excluded_implausible"))),
             ("Voxels excluded (mean b0 not positive)", _fmt(mask.get("excluded_nonpositive_b0"))),
         ]
+        noise = sm.get("noise") or {}
+        if noise:
+            rows.append(("Noise sigma (image units)",
+                         f"{_fmt(noise.get('value'))} from {noise.get('method')}" + (
+                             f" ({noise.get('n_b0')} b0 volumes)" if noise.get("method") == "b0"
+                             else f": {noise.get('reason', '')}")))
         for index, why in (acq.get("excluded_volumes") or {}).items():
             rows.append((f"Volume {index} left out (WARNING)", str(why)))
         rows += [

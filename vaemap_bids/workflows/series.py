@@ -21,7 +21,6 @@ from nipype.pipeline import engine as pe
 from ..config import Config
 from ..dataset.bids import SeriesPlan
 from ..fitting import NETWORK_METHODS
-from ..fitting.options import options_for
 from ..interfaces.derivatives import DerivativesSink, FitProducts, SeriesProducts, SeriesSummary
 from ..interfaces.fitting import FitModel
 from ..interfaces.series import PrepareSeries
@@ -66,9 +65,12 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     device = config.resolved_device or "cpu"   # "auto" with a cluster plugin: the node decides
     omp = config.effective_omp_nthreads()
 
+    fits = [(m, meth) for m in plan.models_to_run() for meth in config.methods]
+    # the receive channels of the magnitude, for the series' sigma (the first fit's setting)
+    n_coils = int(config.fit_options(*fits[0][::-1]).get("n_coils", 1)) if fits else 1
     prepare = pe.Node(PrepareSeries(dwi_file=series.dwi, bval_file=series.bval,
                                     bvec_file=series.bvec, arrays_file=plan.arrays_file,
-                                    mask_source=plan.mask_source),
+                                    mask_source=plan.mask_source, n_coils=n_coils),
                       name="prepare_series", mem_gb=estimate_mem_gb(plan, 2.0, cap))
     series_products = pe.Node(SeriesProducts(entities=series.entities, sources=sources),
                               name="series_products")
@@ -79,7 +81,6 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
         (series_products, ds_series, [("out_root", "in_root"), ("out_files", "in_files")]),
     ])
 
-    fits = [(m, meth) for m in plan.models_to_run() for meth in config.methods]
     # a first summary before the fits, so that a failed fit still leaves a report of the others
     record = dict(plan=plan.to_dict(), methods=list(config.methods), output_dir=out_dir,
                   device=device, seed=config.seed, validator=config.validator,
@@ -100,7 +101,7 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
         wf.connect([(records, summary, [("out", "fit_records")])])
 
     for i, (model, method) in enumerate(fits):
-        options = options_for(config.hyperparameters, method, model)
+        options = config.fit_options(method, model)
         fit = pe.Node(FitModel(model=model, method=method,
                                options=json.dumps(options, sort_keys=True), device=device,
                                seed=config.seed, use_gpu=device.startswith("cuda"),
