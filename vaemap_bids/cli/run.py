@@ -136,7 +136,8 @@ def _args_from_config(config: Config, args) -> argparse.Namespace:
         omp_nthreads=config.omp_nthreads or None, mem_gb=config.mem_gb or None,
         seed=config.seed, config_file=None, derivatives=config.derivatives, use_plugin=None,
         skip_bids_validation=config.skip_bids_validation, verbosity=config.verbosity,
-        fetch_hcp=False, input_type="bids", hcp_profile=None, run_config=None, given=set())
+        fetch_hcp=False, input_type="bids", hcp_profile=None, run_config=None, given=set(),
+        denoise=config.denoise, denoise_output=config.denoise_output)
     for dest in args.given:
         setattr(ns, dest, getattr(args, dest))
     return ns
@@ -196,6 +197,9 @@ def build_config(args) -> Config:
             except ValueError as exc:
                 where = f"{config_file}: " if config_file else ""
                 raise VaemapError(f"{where}{exc}", ExitCode.USAGE) from None
+    if args.denoise_output and args.denoise == "none":
+        raise VaemapError("--denoise-output writes the denoised series: it needs --denoise "
+                          "mppca or patch2self", ExitCode.USAGE)
     plugin, plugin_args = "MultiProc", {}
     if args.use_plugin is not None:
         plugin, plugin_args = _read_plugin(Path(args.use_plugin))
@@ -212,7 +216,7 @@ def build_config(args) -> Config:
         config_file=config_file, hyperparameters=hyper,
         derivatives=[str(Path(d).resolve()) for d in args.derivatives],
         plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
-        verbosity=args.verbosity)
+        verbosity=args.verbosity, denoise=args.denoise, denoise_output=args.denoise_output)
 
 
 def resolve_device(config: Config) -> None:
@@ -399,6 +403,11 @@ def check_output_dataset(config: Config) -> None:
         raise VaemapError(f"{config.output_dir}: holds vaemap outputs of --seed {seed}; rerun "
                           f"with --seed {seed} to add to them, or choose another OUTPUT_DIR",
                           ExitCode.USAGE)
+    denoise = (desc.get("vaemap") or {}).get("denoise")
+    if denoise is not None and denoise != config.denoise:
+        raise VaemapError(f"{config.output_dir}: holds vaemap outputs of --denoise {denoise}; "
+                          f"rerun with --denoise {denoise} to add to them, or choose another "
+                          "OUTPUT_DIR", ExitCode.USAGE)
     if version != __version__:
         raise VaemapError(f"{config.output_dir}: holds outputs of vaemap {version}, this is "
                           f"{__version__}; choose another OUTPUT_DIR", ExitCode.USAGE)
@@ -452,7 +461,8 @@ def _run_graph(config: Config, plans, warnings, status_callback, resource_monito
         removed = remove_stale_temporaries(out_dir)
         if removed:
             log.info("removed %d temporary files an interrupted run left in %s", removed, out_dir)
-        write_dataset_files(config.output_dir, config.seed, config.bids_dir)
+        write_dataset_files(config.output_dir, config.seed, config.bids_dir,
+                            denoise=config.denoise)
         if warnings:
             listed = write_json_atomic(out_dir / "logs" / "bids-validator-warnings.json",
                                        {"validator": config.validator, "warnings": warnings})

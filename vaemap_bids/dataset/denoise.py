@@ -22,7 +22,8 @@ DENOISERS = ("none", "mppca", "patch2self")
 DESCRIPTIONS = {
     "none": "No denoising: the fits read the input series.",
     "mppca": "Marchenko-Pastur PCA denoising (Veraart et al. 2016, dipy.denoise.localpca.mppca, "
-             "patch radius 2, inside the brain mask) before every fit.",
+             "the smallest patch radius >= 2 with more voxels than volumes, inside the brain mask) "
+             "before every fit.",
     "patch2self": "Patch2Self denoising (Fadnavis et al. 2020, dipy.denoise.patch2self, version "
                   "3, ordinary least squares, negative values clipped to 0) before every fit.",
 }
@@ -48,12 +49,24 @@ def _check(data, mask):
     return data.astype(np.float32, copy=False), mask
 
 
-def denoise_mppca(data, mask, *, patch_radius: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def mppca_patch_radius(n_volumes: int) -> int:
+    """The smallest patch radius >= 2 whose patch has more voxels than there are volumes (MP-PCA
+    needs more samples than dimensions: radius 2 up to 124 volumes, 3 up to 342)."""
+    radius = 2
+    while (2 * radius + 1) ** 3 <= n_volumes:
+        radius += 1
+    return radius
+
+
+def denoise_mppca(data, mask, *, patch_radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """MP-PCA: ``(denoised, sigma)``, both float32; ``sigma`` (X, Y, Z) is the noise sd that
-    MP-PCA estimated in each voxel (0 outside the mask)."""
+    MP-PCA estimated in each voxel (0 outside the mask). ``patch_radius`` defaults to
+    :func:`mppca_patch_radius`."""
     from dipy.denoise.localpca import mppca
 
     data, mask = _check(data, mask)
+    if patch_radius is None:
+        patch_radius = mppca_patch_radius(data.shape[3])
     n = 2 * int(patch_radius) + 1
     if n ** 3 <= data.shape[3]:
         raise ValueError(f"MP-PCA needs patches with more voxels ({n}^3) than volumes "

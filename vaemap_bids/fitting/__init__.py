@@ -21,9 +21,12 @@ __all__ = ["fit", "FitResult", "METHODS", "NETWORK_METHODS", "DeviceUnavailableE
 
 
 def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", seed: int = 0,
-        options: dict | None = None, progress: bool = True) -> FitResult:
+        options: dict | None = None, progress: bool = True, voxel_coords=None,
+        s0=None) -> FitResult:
     """Fit ``model`` to ``signals`` with ``method``; ``options`` override that method's defaults
-    (see ``vaemap_bids/data/hyperparameters.yaml``)."""
+    (see ``vaemap_bids/data/hyperparameters.yaml``). ``voxel_coords`` ((N, 3) integer voxel
+    indices of the rows) and ``s0`` ((N,) each row's mean b0 before normalisation) are read by
+    the spatial method ``svae`` only, which needs the coordinates."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     y, valid = prepare_signals(model, signals)
@@ -32,6 +35,10 @@ def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", 
         log.warning("%s/%s: %d of %d voxels have non-finite signals and are excluded",
                     model.name, method, n_bad, valid.size)
     dev = resolve_device(device)
+    if method == "svae":
+        from .spatial import fit_svae
+        return fit_svae(model, y, valid, voxel_coords=voxel_coords, s0=s0, device=dev,
+                        seed=seed, options=options, progress=progress)
     if method == "lsq":
         from .lsq import fit_lsq
         return fit_lsq(model, y, valid, device=dev, seed=seed, options=options, progress=progress)

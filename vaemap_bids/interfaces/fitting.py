@@ -81,6 +81,7 @@ class FitModel(SimpleInterface):
         with np.load(self.inputs.signals_file) as data:
             signals = data["signals"]
             acq = Acquisition(data["bvals"], data["bvecs"])
+            denoise = str(data["denoise"]) if "denoise" in data.files else "none"
         model = make_model(self.inputs.model, acq)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -120,6 +121,7 @@ class FitModel(SimpleInterface):
             "nrmse_mean": float(np.mean(nrmse_fitted)) if nrmse_fitted.size else None,
             "n_measurements": int(model.n_measurements),
             "threads": used,
+            "denoise": denoise,
         }
         record_file = os.path.join(runtime.cwd, "fit_record.json")
         with open(record_file, "w") as fobj:

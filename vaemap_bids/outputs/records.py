@@ -51,6 +51,7 @@ def series_summary(plan: dict, methods: list[str], mask_info: dict, fit_records:
                  "excluded_implausible": excluded.get("implausible", 0),
                  "excluded_nonpositive_b0": excluded.get("nonpositive_b0", 0)},
         "models": models,
+        "denoise": dict(mask_info.get("denoise") or {"method": "none"}),
         "device": device,
         "seed": seed,
         "versions": software_versions(),
