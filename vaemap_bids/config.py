@@ -57,8 +57,8 @@ class VaemapError(Exception):
 
 
 def _methods() -> tuple[str, ...]:
-    from .fitting.base import METHODS
-    return METHODS
+    from .fitting.base import DEFAULT_METHODS
+    return DEFAULT_METHODS
 
 
 #: Plugins that run the nodes on this machine: the device is resolved (and checked) here; any
@@ -98,6 +98,8 @@ class Config:
     hcp_source: str = ""            # the HCP tree or fetch target before conversion
     hcp_profile: str = ""           # AWS profile name only: credentials are never stored
     verbosity: int = 0
+    denoise: str = "none"           # none | mppca | patch2self, before every fit (--denoise)
+    denoise_output: bool = False    # also write the denoised series as a derivative
     run_uuid: str = field(default_factory=lambda: (
         f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}_{uuid.uuid4().hex[:8]}"))
     started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import exit_codes_help
-from ..fitting.base import METHODS
+from ..fitting.base import DEFAULT_METHODS, METHODS
 
 ANALYSIS_LEVELS = ("participant", "group")
 
@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "that the acquisition supports; a model named here that the "
                           "acquisition cannot support is an error)")
     mod.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
-                     default=list(METHODS),
-                     help=f"estimators, from {', '.join(METHODS)} (default: all)")
+                     default=list(DEFAULT_METHODS),
+                     help=f"estimators, from {', '.join(METHODS)} (default: "
+                          f"{' '.join(DEFAULT_METHODS)}; svae, the spatial VAE, on request)")
     mod.add_argument("--noise-model", "--noise_model", dest="noise_model",
                      choices=("rician", "gaussian"), default=None,
                      help="likelihood of every estimator: rician (magnitude data, the default of "
@@ -125,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="YAML overriding estimator hyper-parameters: {method or "
                           "method@model: {option: value}} (defaults: "
                           "vaemap_bids/data/hyperparameters.yaml)")
+    mod.add_argument("--denoise", choices=("none", "mppca", "patch2self"), default="none",
+                     help="denoise the series with dipy before every fit: MP-PCA "
+                          "(dipy.denoise.localpca.mppca) or Patch2Self (dipy.denoise.patch2self, "
+                          "QSIPrep's default); the denoised series stays in the work dir "
+                          "(default: none)")
+    mod.add_argument("--denoise-output", "--denoise_output", dest="denoise_output",
+                     action="store_true",
+                     help="also write the denoised series as a derivative "
+                          "(<prefix>_desc-denoised_dwi.nii.gz with .bval, .bvec and .json)")
     mod.add_argument("--seed", type=_nonnegative_int, default=0,
                      help="random seed of every estimator (same seed and device, same maps; "
                           "default: 0)")

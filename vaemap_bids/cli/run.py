@@ -138,7 +138,7 @@ def _args_from_config(config: Config, args) -> argparse.Namespace:
         skip_bids_validation=config.skip_bids_validation, verbosity=config.verbosity,
         fetch_hcp=False, input_type="qsiprep" if config.input_type == "qsiprep" else "bids",
         hcp_profile=None, run_config=None, noise_model=config.noise_model or None,
-        given={"input_type"})
+        denoise=config.denoise, denoise_output=config.denoise_output, given={"input_type"})
     for dest in args.given:
         setattr(ns, dest, getattr(args, dest))
     return ns
@@ -205,6 +205,9 @@ def build_config(args) -> Config:
         raise VaemapError("--derivatives: QSIPrep input uses QSIPrep's own brain masks "
                           "(*_desc-brain_mask.nii.gz beside each DWI); leave --derivatives out",
                           ExitCode.USAGE)
+    if args.denoise_output and args.denoise == "none":
+        raise VaemapError("--denoise-output writes the denoised series: it needs --denoise "
+                          "mppca or patch2self", ExitCode.USAGE)
     plugin, plugin_args = "MultiProc", {}
     if args.use_plugin is not None:
         plugin, plugin_args = _read_plugin(Path(args.use_plugin))
@@ -221,7 +224,8 @@ def build_config(args) -> Config:
         config_file=config_file, hyperparameters=hyper, noise_model=args.noise_model or "",
         derivatives=[str(Path(d).resolve()) for d in args.derivatives],
         plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
-        verbosity=args.verbosity, input_type=input_type)
+        verbosity=args.verbosity, input_type=input_type, denoise=args.denoise,
+        denoise_output=args.denoise_output)
 
 
 def _qsiprep_or_bids(args, bids_dir: Path) -> str:
@@ -434,6 +438,11 @@ def check_output_dataset(config: Config) -> None:
         raise VaemapError(f"{config.output_dir}: holds vaemap outputs of --seed {seed}; rerun "
                           f"with --seed {seed} to add to them, or choose another OUTPUT_DIR",
                           ExitCode.USAGE)
+    denoise = (desc.get("vaemap") or {}).get("denoise")
+    if denoise is not None and denoise != config.denoise:
+        raise VaemapError(f"{config.output_dir}: holds vaemap outputs of --denoise {denoise}; "
+                          f"rerun with --denoise {denoise} to add to them, or choose another "
+                          "OUTPUT_DIR", ExitCode.USAGE)
     if version != __version__:
         raise VaemapError(f"{config.output_dir}: holds outputs of vaemap {version}, this is "
                           f"{__version__}; choose another OUTPUT_DIR", ExitCode.USAGE)
@@ -495,7 +504,7 @@ def _run_graph(config: Config, plans, warnings, status_callback, resource_monito
         if removed:
             log.info("removed %d temporary files an interrupted run left in %s", removed, out_dir)
         write_dataset_files(config.output_dir, config.seed, config.bids_dir,
-                            config.source_dataset_name)
+                            config.source_dataset_name, denoise=config.denoise)
         if warnings:
             listed = write_json_atomic(out_dir / "logs" / "bids-validator-warnings.json",
                                        {"validator": config.validator, "warnings": warnings})

@@ -27,9 +27,13 @@ __all__ = ["fit", "FitResult", "METHODS", "NETWORK_METHODS", "DeviceUnavailableE
 
 
 def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", seed: int = 0,
-        options: dict | None = None, progress: bool = True, sigma=None) -> FitResult:
+        options: dict | None = None, progress: bool = True, sigma=None, voxel_coords=None,
+        s0=None) -> FitResult:
     """Fit ``model`` to ``signals`` with ``method``; ``options`` override that method's defaults
-    (see ``vaemap_bids/data/hyperparameters.yaml``); ``sigma``: see the module doc."""
+    (see ``vaemap_bids/data/hyperparameters.yaml``); ``sigma``: see the module doc.
+    ``voxel_coords`` ((N, 3) integer voxel indices of the rows) and ``s0`` ((N,) each row's mean
+    b0 before normalisation) are read by the spatial method ``svae`` only, which needs the
+    coordinates."""
     from .options import check_options
     from .sigma import NoNoiseError, check_sigma, estimate_normalised_sigma
 
@@ -53,6 +57,10 @@ def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", 
                                  f"({valid.size}), got shape {np.shape(sigma)}")
             rows = check_sigma(arr[valid], y.shape[0])
     dev = resolve_device(device)
+    if method == "svae":
+        from .spatial import fit_svae
+        return fit_svae(model, y, valid, voxel_coords=voxel_coords, s0=s0, device=dev,
+                        seed=seed, options=options, progress=progress)
     if method == "lsq":
         from .lsq import fit_lsq
         return fit_lsq(model, y, valid, device=dev, seed=seed, options=options, progress=progress,

@@ -22,6 +22,8 @@ class Estimator:
     description: str        # the sidecars' Model.FitMethodDescription
     network: bool           # trained on the subject's data (a GPU node when there is a GPU)
     outputs: tuple[str, ...] = ()
+    default: bool = True    # in the default --methods
+    spatial: bool = False   # needs each voxel's neighbours (fit(voxel_coords=...))
 
 
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
@@ -38,9 +40,18 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
               "prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
               "posterior mean, and the mixture responsibilities give a soft clustering of the "
               "voxels.", network=True, outputs=("std", "responsibilities", "latent")),
+    Estimator("svae", "Spatial self-supervised variational autoencoder with a Gaussian-mixture "
+              "prior whose component means are each voxel's neighbours of the same component "
+              "(edge-aware borrowing, spatially regularised S0) and a Rician likelihood; maps "
+              "are posterior means, and the mixture responsibilities give a soft clustering of "
+              "the voxels.", network=True, outputs=("std", "responsibilities", "latent"),
+              default=False, spatial=True),
 )}
 METHODS = tuple(ESTIMATORS)
 NETWORK_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.network)
+#: What ``--methods`` runs when not given (svae is opt-in: it needs neighbours and more time).
+DEFAULT_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.default)
+SPATIAL_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.spatial)
 
 
 def get_estimator(name: str) -> Estimator:

@@ -70,6 +70,10 @@ def check_options(method: str, model: str, overrides: dict | None = None) -> dic
         return resolve_options(model, overrides)
     from .train import check_options as check_network_options
     opts = method_options(method, overrides, model)
+    if method == "svae":
+        from .spatial import check_options as check_spatial_options
+        check_spatial_options(opts)
+        return opts
     check_network_options(method, opts)
     check_noise(method, opts)
     return opts

@@ -84,6 +84,7 @@ class FitModel(SimpleInterface):
             sigma = data["sigma"] if "sigma" in data.files else None   # σ/S0 per row
             series_noise = json.loads(str(data["noise"])) if "noise" in data.files else None
             acq = Acquisition(data["bvals"], data["bvecs"])
+            denoise = str(data["denoise"]) if "denoise" in data.files else "none"
         model = make_model(self.inputs.model, acq)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -130,6 +131,7 @@ class FitModel(SimpleInterface):
             "n_measurements": int(model.n_measurements),
             "threads": used,
             "calibration": calibration,
+            "denoise": denoise,
         }
         record_file = os.path.join(runtime.cwd, "fit_record.json")
         with open(record_file, "w") as fobj:

@@ -135,6 +135,8 @@ def fit_products(arrays: dict, record: dict, series: dict, mask: np.ndarray,
             data, side = _final_record(record, out_dir_of), None
         else:  # a kind added to the table without a product here
             raise ValueError(f"no product for output kind {kind!r}")
+        if side is not None and record.get("denoise", "none") != "none":
+            side["Denoising"] = sidecars.denoise_block(record["denoise"])
         out_dir_of.setdefault(kind, {})[param] = out.path
         products.append(Product(out, data, side))
     return products

@@ -53,6 +53,7 @@ def series_summary(plan: dict, methods: list[str], mask_info: dict, fit_records:
                  "excluded_nonpositive_b0": excluded.get("nonpositive_b0", 0)},
         "noise": mask_info.get("noise"),
         "models": models,
+        "denoise": dict(mask_info.get("denoise") or {"method": "none"}),
         "device": device,
         "seed": seed,
         "versions": software_versions(),

@@ -17,7 +17,14 @@ PAPER_URL = "https://arxiv.org/abs/2411.10772"
 
 # ---- dataset level ---------------------------------------------------------------------------
 
-def dataset_description(seed: int, source_dir=None, source_name: str = "raw") -> dict:
+def denoise_block(method: str) -> dict:
+    """What ran on the series before the fits (``--denoise``), for sidecars and the dataset."""
+    from ..dataset.denoise import DESCRIPTIONS, check_denoiser
+    return {"Method": check_denoiser(method), "Description": DESCRIPTIONS[method]}
+
+
+def dataset_description(seed: int, source_dir=None, source_name: str = "raw",
+                        denoise: str = "none") -> dict:
     """``dataset_description.json`` of the output dataset (``source_name``: the input's name
     in the sidecars' BIDS URIs, ``bids:<source_name>:...``, linked in ``DatasetLinks``)."""
     desc = {
@@ -31,8 +38,10 @@ def dataset_description(seed: int, source_dir=None, source_name: str = "raw") ->
             "Description": f"Parameter maps from physics-informed VAEs and baselines; seed {seed}.",
         }],
         "HowToAcknowledge": f"Cite Xu et al., {PAPER_URL}, and the software listed in the reports.",
-        "vaemap": {"seed": int(seed)},
+        "vaemap": {"seed": int(seed), "denoise": denoise},
     }
+    if denoise != "none":
+        desc["GeneratedBy"][0]["Description"] += " " + denoise_block(denoise)["Description"]
     if source_dir is not None:
         desc["SourceDatasets"] = [{"URL": Path(source_dir).resolve().as_uri()}]
         desc["DatasetLinks"] = {source_name: Path(source_dir).resolve().as_uri()}
@@ -43,12 +52,13 @@ def bidsignore_text() -> str:
     return (files("vaemap_bids") / "data" / "bidsignore").read_text()
 
 
-def write_dataset_files(output_dir, seed: int, source_dir=None, source_name: str = "raw") -> None:
+def write_dataset_files(output_dir, seed: int, source_dir=None, source_name: str = "raw",
+                        denoise: str = "none") -> None:
     """``dataset_description.json`` and ``.bidsignore`` (the model-/param- names of BEP016 are
     not in the validator's schema yet)."""
     output_dir = Path(output_dir)
     write_json_atomic(output_dir / "dataset_description.json",
-                      dataset_description(seed, source_dir, source_name))
+                      dataset_description(seed, source_dir, source_name, denoise))
     write_text_atomic(output_dir / ".bidsignore", bidsignore_text())
 
 

@@ -51,6 +51,8 @@ KINDS: dict[str, Kind] = {k.key: k for k in (
     Kind("fit_record", "log", "fit", ".json",
          what="hyper-parameters, training history, timings, counts (written last)"),
     Kind("summary", "log", "summary", ".json", what="inputs, mask, models and what ran"),
+    Kind("denoised", "dwi", "dwi", ".nii.gz", {"desc": "denoised"}, "float32", required=False,
+         what="the denoised series the fits read (--denoise with --denoise-output only)"),
 )}
 
 #: Entities a derivative may add to the series' own.

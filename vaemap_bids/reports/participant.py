@@ -133,6 +133,10 @@ class _SeriesReport:
                              else f": {noise.get('reason', '')}")))
         for index, why in (acq.get("excluded_volumes") or {}).items():
             rows.append((f"Volume {index} left out (WARNING)", str(why)))
+        denoise = sm.get("denoise") or {"method": "none"}
+        rows.append(("Denoising (--denoise)", str(denoise.get("method", "none"))
+                     + (f", MP-PCA median noise sd {_fmt(denoise['sigma_median'])}"
+                        if "sigma_median" in denoise else "")))
         rows += [
             ("Device", str(sm.get("device", "n/a"))),
             ("Seed", str(sm.get("seed", "n/a"))),
@@ -385,6 +389,11 @@ def methods_text(series: list[Series]) -> dict:
                     "the mean b0 image. ")
     elif any(masks):
         text.append(f"Brain masks were taken from {'; '.join(sorted(m for m in masks if m))}. ")
+    denoisers = {str((s.summary.get("denoise") or {}).get("method", "none")) for s in series}
+    from ..dataset.denoise import DESCRIPTIONS
+    for name in sorted(denoisers - {"none"}):
+        text.append(f"The series were denoised with dipy{ver('dipy')} [dipy]: "
+                    f"{DESCRIPTIONS[name]} ")
     text.append("Signals were divided by each voxel's mean b0. ")
     for model in sorted(ran):
         params = ", ".join(p.label for p in Series.param_specs(model))

@@ -5,6 +5,10 @@
           +-> series_products -> ds_series                     summary -> ds_summary
           +-> summary_early -> ds_summary_early (before the fits: a failed fit keeps a report)
 
+With ``--denoise``, ``denoise_series -> prepare_series``: prepare_series reads the denoised
+series (in denoise_series' work folder) instead of the input; ``--denoise-output`` adds
+``denoised_products -> ds_denoised``.
+
 ``prepare_series`` reads the image once (mask + signals); every fit node reads its signals;
 products nodes compute a fit's derivatives (:mod:`vaemap_bids.outputs`); sinks copy them into
 OUTPUT_DIR. Node names are stable and their inputs deterministic (sorted JSON options, resolved
@@ -23,7 +27,7 @@ from ..dataset.bids import SeriesPlan
 from ..fitting import NETWORK_METHODS
 from ..interfaces.derivatives import DerivativesSink, FitProducts, SeriesProducts, SeriesSummary
 from ..interfaces.fitting import FitModel
-from ..interfaces.series import PrepareSeries
+from ..interfaces.series import DenoisedProducts, DenoiseSeries, PrepareSeries
 
 
 def series_workflow_name(plan: SeriesPlan) -> str:
@@ -68,10 +72,29 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     fits = [(m, meth) for m in plan.models_to_run() for meth in config.methods]
     # the receive channels of the magnitude, for the series' sigma (the first fit's setting)
     n_coils = int(config.fit_options(*fits[0][::-1]).get("n_coils", 1)) if fits else 1
-    prepare = pe.Node(PrepareSeries(dwi_file=series.dwi, bval_file=series.bval,
+    prepare = pe.Node(PrepareSeries(bval_file=series.bval,
                                     bvec_file=series.bvec, arrays_file=plan.arrays_file,
                                     mask_source=plan.mask_source, n_coils=n_coils),
                       name="prepare_series", mem_gb=estimate_mem_gb(plan, 2.0, cap))
+    if config.denoise == "none":
+        prepare.inputs.dwi_file = series.dwi
+    else:
+        denoise = pe.Node(DenoiseSeries(dwi_file=series.dwi, bval_file=series.bval,
+                                        bvec_file=series.bvec, arrays_file=plan.arrays_file,
+                                        method=config.denoise),
+                          name="denoise_series", n_procs=omp,
+                          mem_gb=estimate_mem_gb(plan, 4.0, cap))
+        wf.connect([(denoise, prepare, [("out_file", "dwi_file"),
+                                        ("denoise_info", "denoise_info")])])
+        if config.denoise_output:
+            denoised = pe.Node(DenoisedProducts(bval_file=series.bval, bvec_file=series.bvec,
+                                                entities=series.entities, sources=sources),
+                               name="denoised_products", mem_gb=estimate_mem_gb(plan, 2.0, cap))
+            ds_denoised = _sink("ds_denoised", out_dir)
+            wf.connect([(denoise, denoised, [("out_file", "in_file"),
+                                             ("denoise_info", "denoise_info")]),
+                        (denoised, ds_denoised, [("out_root", "in_root"),
+                                                 ("out_files", "in_files")])])
     series_products = pe.Node(SeriesProducts(entities=series.entities, sources=sources),
                               name="series_products")
     ds_series = _sink("ds_series", out_dir)
