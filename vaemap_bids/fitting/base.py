@@ -3,6 +3,7 @@ input checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -90,6 +91,9 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     seed: int = 0
+    #: network methods: ``predict(signals, sigma=None) -> (params, std)`` runs the trained network
+    #: on new b0-normalised voxels (N, T) without retraining; in memory only, never serialised
+    predict: Callable | None = field(default=None, repr=False, compare=False)
 
     def maps(self, model: SignalModel) -> dict[str, np.ndarray]:
         return model.split(self.params)
