@@ -19,7 +19,10 @@ from vaemap_bids.physics import make_model
 
 FAST = {"epochs": 25, "batch_size": 32, "lr": 3e-3, "patience": 4}
 # The VAEs converge more slowly than ssl (sampled z, a decoder behind the encoder): more epochs.
-VAE_FAST = dict(FAST, epochs=25, patience=8, warmup_epochs=2, ramp_epochs=4, n_posterior_samples=8)
+VAE_FAST = dict(FAST, epochs=25, patience=8, warmup_epochs=2, ramp_epochs=4, n_posterior_samples=8,
+                prior_em_iterations=3)
+# the refinement and the prior's EM cost inference time; tests of other things keep them short
+LIGHT = {"refine_steps": 2, "prior_em_iterations": 1}
 GMM_FAST = dict(VAE_FAST)
 OPTIONS = {"ssl": FAST, "vaeunig": VAE_FAST, "vaegmm": GMM_FAST}
 
@@ -127,7 +130,7 @@ def test_noise_level_is_learnt_or_given(msdki_data, fits):
         assert "b0" in noise["sigma_init_source"]
     valid = np.ones(400, bool)
     res = fit_network(model, y[:400], valid, "vaeunig", device=torch.device("cpu"), seed=0,
-                      options=dict(VAE_FAST, epochs=3), progress=False,
+                      options=dict(VAE_FAST, epochs=3, **LIGHT), progress=False,
                       sigma=np.full(400, 0.02))
     assert res.hyperparameters["noise"]["sigma_source"] == "given"
     assert res.hyperparameters["noise"]["sigma"] == pytest.approx(0.02)
@@ -319,7 +322,7 @@ def test_gmm_prior_moves_during_training(msdki_data):
 @pytest.mark.parametrize("method", ["ssl", "vaegmm"])
 def test_same_seed_same_maps(msdki_data, method):
     model, _, y = msdki_data
-    opts = dict(OPTIONS[method], epochs=3)
+    opts = dict(OPTIONS[method], epochs=3, **(LIGHT if method != "ssl" else {}))
     a = fit(model, y[:400], method, device="cpu", seed=11, options=opts, progress=False)
     b = fit(model, y[:400], method, device="cpu", seed=11, options=opts, progress=False)
     c = fit(model, y[:400], method, device="cpu", seed=12, options=opts, progress=False)
@@ -340,7 +343,7 @@ def test_nan_rows_are_excluded(msdki_data):
     signals[17, :] = np.nan
     signals[299, -1] = np.inf
     res = fit(model, signals, "vaegmm", device="cpu", seed=0,
-              options=dict(GMM_FAST, epochs=2), progress=False)
+              options=dict(GMM_FAST, epochs=2, **LIGHT), progress=False)
     np.testing.assert_array_equal(res.valid, ~bad)
     for arr in (res.params, res.std, res.responsibilities, res.latent_mean):
         assert arr.shape[0] == 300
@@ -355,7 +358,7 @@ def test_ballstick_runs_and_gives_unit_directions(hcp_acq):
     truth = np.column_stack([rng.uniform(0.2, 0.8, n), rng.uniform(1.5, 2.5, n),
                              rng.uniform(0.5, 2.0, n), dirs / np.linalg.norm(dirs, axis=1, keepdims=True)])
     y = rician(model.forward_numpy(truth), 30.0, rng).astype(np.float32)
-    res = fit(model, y, "vaegmm", device="cpu", seed=0, options=dict(GMM_FAST, epochs=2),
+    res = fit(model, y, "vaegmm", device="cpu", seed=0, options=dict(GMM_FAST, epochs=2, **LIGHT),
               progress=False)
     np.testing.assert_allclose(np.linalg.norm(res.maps(model)["dir"], axis=1), 1.0, atol=1e-5)
     assert res.std.shape == (n, model.n_params)
