@@ -28,15 +28,20 @@ class Estimator:
 ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
     Estimator("lsq", "Voxelwise non-linear least squares.", network=False),
     Estimator("ssl", "Voxelwise self-supervised network (Lim et al. 2022): an MLP maps each "
-              "voxel's signal to the model's parameters; the loss compares the model's predicted "
-              "signal with the measured one.", network=True),
+              "voxel's signal to the model's parameters, trained by maximum likelihood under the "
+              "noise model (Rician by default).", network=True),
     Estimator("vaeunig", "Self-supervised variational autoencoder with a univariate Gaussian "
-              "latent prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
-              "posterior mean.", network=True, outputs=("std", "latent")),
+              "latent prior (Xu et al., arXiv:2411.10772), trained on the ELBO of the noise "
+              "model's likelihood; maps and std are the posterior mean and standard deviation of "
+              "the parameters (refined per voxel: MAP and Laplace posterior under the prior "
+              "re-estimated on the subject's voxels).", network=True, outputs=("std", "latent")),
     Estimator("vaegmm", "Self-supervised variational autoencoder with a Gaussian-mixture latent "
-              "prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
-              "posterior mean, and the mixture responsibilities give a soft clustering of the "
-              "voxels.", network=True, outputs=("std", "responsibilities", "latent")),
+              "prior (Xu et al., arXiv:2411.10772), the mixture enumerated exactly in the ELBO "
+              "of the noise model's likelihood; maps and std are the posterior mean and standard "
+              "deviation of the parameters over the mixture (refined per voxel: MAP and Laplace "
+              "posterior under the prior re-estimated on the subject's voxels), and the "
+              "responsibilities give a soft clustering of the voxels.", network=True,
+              outputs=("std", "responsibilities", "latent")),
 )}
 METHODS = tuple(ESTIMATORS)
 NETWORK_METHODS = tuple(name for name, e in ESTIMATORS.items() if e.network)
@@ -75,8 +80,8 @@ class FitResult:
     """Per-voxel estimates of one (model, method) fit.
 
     ``params`` rows are NaN where ``valid`` is False (voxels excluded for non-finite input).
-    Network methods report the posterior-mean estimate (decoder(mu)); ``std`` is the per-voxel
-    posterior standard deviation from M samples of z (VAE methods only).
+    VAE methods report the posterior mean of the parameters and ``std``, their per-voxel
+    posterior standard deviation; ssl its point estimate.
     """
 
     model: str
