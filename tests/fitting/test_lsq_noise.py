@@ -158,7 +158,7 @@ def test_every_method_has_checked_noise_options(method):
     opts = check_options(method, "msdki", {})
     assert opts["noise_model"] == "rician" and opts["n_coils"] == 1
     assert check_options(method, "msdki", {"noise_model": "ncchi", "n_coils": 8})["n_coils"] == 8
-    for bad, word in (({"noise_model": "poisson"}, "noise model"),
+    for bad, word in (({"noise_model": "poisson"}, "noise.model"),
                       ({"noise_model": "rician", "n_coils": 4}, "ncchi"),
                       ({"noise_model": "ncchi", "n_coils": 0}, "n_coils")):
         with pytest.raises(ValueError, match=word):

@@ -35,11 +35,11 @@ def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", 
     b0 before normalisation) are read by the spatial method ``svae`` only, which needs the
     coordinates."""
     from .options import check_options
-    from .sigma import NoNoiseError, check_sigma, estimate_normalised_sigma
+    from .sigma import check_sigma
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
-    opts = check_options(method, model.name, options)
+    check_options(method, model.name, options)   # a bad option fails before any work
     y, valid = prepare_signals(model, signals)
     n_bad = int((~valid).sum())
     if n_bad:
@@ -65,25 +65,8 @@ def fit(model: SignalModel, signals: np.ndarray, method: str, *, device="auto", 
         from .lsq import fit_lsq
         return fit_lsq(model, y, valid, device=dev, seed=seed, options=options, progress=progress,
                        sigma=rows)
-    noise_model = opts.get("noise_model", "gaussian")
-    n_coils = int(opts.get("n_coils", 1))
-    if rows is not None:
-        noise = {"sigma_source": "given"}
-    elif noise_model != "gaussian":
-        try:
-            rows, noise = estimate_normalised_sigma(model, y, noise_model, n_coils, device=dev)
-        except NoNoiseError as exc:
-            log.warning("%s/%s: %s; training with the Gaussian likelihood", model.name, method,
-                        exc)
-            noise_model, noise = "gaussian", {"sigma_source": "none (noise-free signals)"}
-            options = {**(options or {}), "noise_model": "gaussian"}
-    else:
-        noise = {"sigma_source": "not needed (gaussian)"}
-    from .lsq import _sigma_summary
-    noise = {"model": noise_model, "n_coils": n_coils, **noise,
-             **({} if rows is None else _sigma_summary(rows))}
+    # without a sigma the network learns one noise level with its ELBO (fitting/train.py)
     from .train import fit_network
     res = fit_network(model, y, valid, method, device=dev, seed=seed, options=options,
                       progress=progress, sigma=rows)
-    res.hyperparameters["noise"] = {**noise, **dict(res.hyperparameters.get("noise") or {})}
     return res

@@ -3,6 +3,7 @@ input checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,15 +32,20 @@ ESTIMATORS: dict[str, Estimator] = {e.name: e for e in (
               "noise; Gaussian = non-linear least squares), with the Cramer-Rao standard "
               "deviation at the estimate.", network=False, outputs=("std",)),
     Estimator("ssl", "Voxelwise self-supervised network (Lim et al. 2022): an MLP maps each "
-              "voxel's signal to the model's parameters; the loss compares the model's predicted "
-              "signal with the measured one.", network=True),
+              "voxel's signal to the model's parameters, trained by maximum likelihood under the "
+              "noise model (Rician by default).", network=True),
     Estimator("vaeunig", "Self-supervised variational autoencoder with a univariate Gaussian "
-              "latent prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
-              "posterior mean.", network=True, outputs=("std", "latent")),
+              "latent prior (Xu et al., arXiv:2411.10772), trained on the ELBO of the noise "
+              "model's likelihood; maps and std are the posterior mean and standard deviation of "
+              "the parameters (refined per voxel: MAP and Laplace posterior under the prior "
+              "re-estimated on the subject's voxels).", network=True, outputs=("std", "latent")),
     Estimator("vaegmm", "Self-supervised variational autoencoder with a Gaussian-mixture latent "
-              "prior (Xu et al., arXiv:2411.10772); maps are the decoder's output at the "
-              "posterior mean, and the mixture responsibilities give a soft clustering of the "
-              "voxels.", network=True, outputs=("std", "responsibilities", "latent")),
+              "prior (Xu et al., arXiv:2411.10772), the mixture enumerated exactly in the ELBO "
+              "of the noise model's likelihood; maps and std are the posterior mean and standard "
+              "deviation of the parameters over the mixture (refined per voxel: MAP and Laplace "
+              "posterior under the prior re-estimated on the subject's voxels), and the "
+              "responsibilities give a soft clustering of the voxels.", network=True,
+              outputs=("std", "responsibilities", "latent")),
     Estimator("svae", "Spatial self-supervised variational autoencoder with a Gaussian-mixture "
               "prior whose component means are each voxel's neighbours of the same component "
               "(edge-aware borrowing, spatially regularised S0) and a Rician likelihood; maps "
@@ -87,9 +93,9 @@ class FitResult:
     """Per-voxel estimates of one (model, method) fit.
 
     ``params`` rows are NaN where ``valid`` is False (voxels excluded for non-finite input).
-    Network methods report the posterior-mean estimate (decoder(mu)); ``std`` is the per-voxel
-    posterior standard deviation from M samples of z (VAE methods), the Cramer-Rao standard
-    deviation at the estimate for ``lsq``.
+    VAE methods report the posterior mean of the parameters and ``std``, their per-voxel
+    posterior standard deviation; ssl its point estimate; ``lsq`` its maximum-likelihood
+    estimate and the Cramer-Rao standard deviation there.
     """
 
     model: str
@@ -104,6 +110,9 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     seed: int = 0
+    #: network methods: ``predict(signals, sigma=None) -> (params, std)`` runs the trained network
+    #: on new b0-normalised voxels (N, T) without retraining; in memory only, never serialised
+    predict: Callable | None = field(default=None, repr=False, compare=False)
 
     def maps(self, model: SignalModel) -> dict[str, np.ndarray]:
         return model.split(self.params)

@@ -3,17 +3,21 @@
 - The whole data set is one tensor on the device; mini-batches are rows picked by a random
   permutation (no DataLoader, no per-row Python work), and losses are summed on the device and
   read once per epoch.
-- A held-out fraction of voxels gives a validation loss every epoch; once the KL weight and the
-  Gumbel-softmax temperature have reached their final values, the weights with the lowest
-  validation loss are kept, the learning rate is halved after every ``lr_decay_patience`` epochs
-  without improvement, and training stops after ``patience`` epochs without improvement.
-- Seeds are fixed (torch, numpy) and every random draw (split, batch order, Gumbel and Gaussian
-  noise) comes from one ``torch.Generator`` on the device: the same seed on the same device gives
-  the same maps.
-- Maps come from the posterior mean (see ``posterior_mean`` in :mod:`.networks`); VAE methods also
-  give a per-voxel posterior standard deviation from ``n_posterior_samples`` draws of z (and, for
-  vaegmm, of c at the final temperature), the latent means and, for vaegmm, the responsibilities
-  q(y|S). Inference runs in chunks under ``torch.no_grad``.
+- A held-out fraction of voxels gives a validation loss every epoch; once the KL weight has
+  reached its final value, the weights with the lowest validation loss are kept, the learning
+  rate is halved after every ``lr_decay_patience`` epochs without improvement, and training stops
+  after ``patience`` epochs without improvement.
+- The reconstruction term is the noise model's NLL (``noise_model``, ``n_coils``) with the noise
+  level sigma of the b0-normalised signals: given by the caller (a scalar or one per voxel), or
+  one scalar learnt with the network (recorded in ``hyperparameters['noise']``).
+- Seeds are fixed (torch, numpy) and every random draw (split, batch order, Gaussian noise,
+  Monte-Carlo nodes) comes from a ``torch.Generator`` on the device: the same seed on the same
+  device gives the same maps.
+- Maps are posterior means of the squashed parameters and ``std`` their posterior standard
+  deviation (see ``posterior`` in :mod:`.networks`), optionally after ``refine_steps``
+  Levenberg-Marquardt steps to the MAP with a Laplace posterior there; VAE methods also give the
+  latent means and, for vaegmm, the responsibilities q(y|S). Inference runs in chunks under
+  ``torch.no_grad``. ``FitResult.predict`` runs the trained network on new voxels.
 - On CUDA, matrix products may use TF32 (option ``allow_tf32``); on CPU all arithmetic is float32.
 """
 from __future__ import annotations
@@ -29,7 +33,8 @@ from tqdm.auto import tqdm
 
 from ..physics.base import SignalModel
 from .base import NETWORK_METHODS, FitResult, scatter_rows
-from .networks import ACTIVATIONS, PhysicsNet, build_network
+from .networks import (ACTIVATIONS, COVARIANCES, NOISE_MODELS, PhysicsNet, build_network,
+                       empirical_bayes_prior, posterior_nodes)
 from .options import method_options
 
 log = logging.getLogger("vaemap.fitting.train")
@@ -65,19 +70,17 @@ def check_options(method: str, opts: dict) -> None:
     need("shared_encoder", lambda v: isinstance(v, bool), "true or false")
     need("latent_dim", lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1")
     need("beta", lambda v: v == "auto" or (is_num(v) and v >= 0), "'auto' or a number >= 0")
-    if opts.get("beta") == "auto" and int(opts.get("warmup_epochs", 0)) < 1:
-        raise ValueError(f"{method}: beta='auto' needs warmup_epochs >= 1 (the noise variance is "
-                         "first estimated during the warm-up)")
     need("warmup_epochs", lambda v: is_int(v) and v >= 0, "an integer >= 0")
     need("ramp_epochs", lambda v: is_int(v) and v >= 0, "an integer >= 0")
-    need("n_posterior_samples", lambda v: is_int(v) and (v == 0 or v >= 2), "0 (off) or an integer >= 2")
+    need("n_posterior_samples", lambda v: is_int(v) and v >= 2, "an integer >= 2")
     need("n_components", lambda v: is_int(v) and v >= 2, "an integer >= 2")
-    need("tau_start", lambda v: is_num(v) and v > 0, "a number > 0")
-    need("tau_end", lambda v: is_num(v) and v > 0, "a number > 0")
     need("prior_spread", lambda v: is_num(v) and v >= 0, "a number >= 0")
-    if "tau_start" in opts and opts["tau_end"] > opts["tau_start"]:
-        raise ValueError(f"{method}: tau_end={opts['tau_end']} must not exceed "
-                         f"tau_start={opts['tau_start']} (the temperature is annealed down)")
+    need("noise_model", lambda v: v in NOISE_MODELS, f"one of {list(NOISE_MODELS)}")
+    need("n_coils", lambda v: is_int(v) and v >= 1, "an integer >= 1")
+    need("fit_amplitude", lambda v: isinstance(v, bool), "true or false")
+    need("posterior_covariance", lambda v: v in COVARIANCES, f"one of {list(COVARIANCES)}")
+    need("refine_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)")
+    need("prior_em_iterations", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)")
 
 
 #: ``batch_size: auto`` gives about this many Adam steps per epoch, within AUTO_BATCH_RANGE: small
@@ -100,45 +103,20 @@ def schedule_length(opts: dict) -> int:
     return int(opts.get("warmup_epochs", 0)) + int(opts.get("ramp_epochs", 0))
 
 
-def beta_at(epoch: int, opts: dict, noise_variance: float | None = None,
-            n_measurements: int | None = None) -> float:
+def beta_at(epoch: int, opts: dict) -> float:
     """KL weight of 0-based ``epoch``: 0 during ``warmup_epochs``, then a linear ramp that reaches
-    ``beta`` after ``ramp_epochs`` more epochs, then constant. With ``beta: auto`` the final value
-    is :func:`auto_beta` of ``noise_variance`` (0 while there is no estimate yet)."""
+    ``beta`` after ``ramp_epochs`` more epochs, then constant. ``beta: auto`` is 1: the loss is
+    then the negative ELBO of the noise model's likelihood (the reconstruction term is a proper
+    NLL summed over volumes, so no hand-set weight is needed)."""
     if "beta" not in opts:
         return 0.0
     warm, ramp = int(opts["warmup_epochs"]), int(opts["ramp_epochs"])
     if epoch < warm:
         return 0.0
-    if opts["beta"] == "auto":
-        if noise_variance is None or n_measurements is None:
-            return 0.0
-        final = auto_beta(noise_variance, n_measurements)
-    else:
-        final = float(opts["beta"])
+    final = 1.0 if opts["beta"] == "auto" else float(opts["beta"])
     if ramp == 0:
         return final
     return final * min(1.0, (epoch - warm + 1) / ramp)
-
-
-def auto_beta(noise_variance: float, n_measurements: int) -> float:
-    """The KL weight that makes ``MSE + beta * KL`` the negative ELBO of a Gaussian likelihood
-    with noise variance sigma^2, divided by T / (2 sigma^2): beta = 2 sigma^2 / T. The trainer
-    uses for sigma^2 the reconstruction MSE of the previous epoch (with sampled z), which is the
-    maximum-likelihood noise variance of that ELBO (the "calibrated decoder" of Rybkin et al.
-    2021, sigma-VAE): the KL weight follows the noise level of the data, and of the fit, instead
-    of being fixed by hand."""
-    return 2.0 * float(noise_variance) / int(n_measurements)
-
-
-def tau_at(epoch: int, opts: dict) -> float:
-    """Gumbel-softmax temperature of 0-based ``epoch``: geometric decay from ``tau_start`` to
-    ``tau_end`` over the warm-up and ramp epochs, then constant."""
-    if "tau_start" not in opts:
-        return float("nan")
-    start, end = float(opts["tau_start"]), float(opts["tau_end"])
-    frac = min(1.0, epoch / max(1, schedule_length(opts) - 1))
-    return start * (end / start) ** frac
 
 
 @contextmanager
@@ -164,55 +142,59 @@ def _split(n: int, fraction: float, generator: torch.Generator, device) -> tuple
     return perm[n_val:], perm[:n_val]
 
 
+def _rows(sigma: torch.Tensor | None, index: torch.Tensor):
+    """The per-voxel sigma (N, 1) of the rows ``index`` (None: the network's learnt scalar)."""
+    return None if sigma is None else sigma[index]
+
+
 @torch.no_grad()
 def validation_loss(net: PhysicsNet, data: torch.Tensor, index: torch.Tensor, beta: float,
-                    chunk: int) -> float:
-    """Loss on the held-out voxels at the posterior mean (z = mu, noiseless c), so that early
-    stopping follows the fit and not the sampling noise."""
+                    chunk: int, sigma: torch.Tensor | None = None) -> float:
+    """Loss on the held-out voxels at the posterior mean (z = mu), so that early stopping follows
+    the fit and not the sampling noise."""
     net.eval()
     total, n = 0.0, int(index.numel())
     for start in range(0, n, chunk):
-        s = data[index[start:start + chunk]]
-        out = net.deterministic_forward(s) if net.is_vae else net(s)
-        total += float(net.loss(s, out, beta)["loss"]) * s.shape[0]
+        rows = index[start:start + chunk]
+        s = data[rows]
+        out = net.deterministic_forward(s)
+        total += float(net.loss(s, out, beta, _rows(sigma, rows))["loss"]) * s.shape[0]
     net.train()
     return total / n
 
 
 def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator: torch.Generator,
-                  progress: bool = True, desc: str = "") -> dict:
+                  progress: bool = True, desc: str = "", sigma: torch.Tensor | None = None) -> dict:
     """Train ``net`` in place on ``data`` (N, T, already on the device) and load its best
-    weights. Returns ``{"history", "best_epoch" (1-based; 0 when training ended before the
-    schedules settled), "epochs_run", "n_train", "n_validation", "batch_size", "resolved"}``
-    (``resolved``: the noise variance and KL weight of the best epoch when ``beta`` is auto)."""
+    weights. ``sigma`` (N, 1) is the noise level of every row; None trains the network's scalar
+    ``log_noise`` with the rest (otherwise it is frozen). Returns ``{"history", "best_epoch"
+    (1-based; 0 when training ended before the schedules settled), "epochs_run", "n_train",
+    "n_validation", "batch_size"}``."""
     device = data.device
     train_idx, val_idx = _split(data.shape[0], float(opts["validation_fraction"]), generator, device)
     n_train = int(train_idx.numel())
     batch = resolve_batch_size(opts["batch_size"], n_train)
     chunk = int(opts["inference_batch_size"])
-    optimiser = torch.optim.Adam(net.parameters(), lr=float(opts["lr"]),
+    net.log_noise.requires_grad_(sigma is None)
+    optimiser = torch.optim.Adam([p for p in net.parameters() if p.requires_grad],
+                                 lr=float(opts["lr"]),
                                  weight_decay=float(opts.get("weight_decay", 0.0)))
-    settled = max(0, schedule_length(opts) - 1)  # first epoch with final beta and tau
+    settled = max(0, schedule_length(opts) - 1)  # first epoch with the final beta
     history: dict[str, list[float]] = {k: [] for k in ("loss", "recon", "kl", "beta", "val_loss",
-                                                       "lr")}
-    if net.method == "vaegmm":
-        history["tau"] = []
+                                                       "lr", "sigma")}
     best, best_state, best_epoch, waited = math.inf, None, -1, 0
-    resolved = {}
     net.train()
     bar = tqdm(range(int(opts["epochs"])), desc=desc, unit="epoch", disable=not progress,
                leave=False)
-    noise_var = None  # the previous epoch's reconstruction MSE (for beta: auto)
     for epoch in bar:
-        beta = beta_at(epoch, opts, noise_var, data.shape[1])
-        tau = tau_at(epoch, opts)
-        net.set_temperature(tau)
+        beta = beta_at(epoch, opts)
         order = train_idx[torch.randperm(n_train, generator=generator, device=device)]
         sums = torch.zeros(3, device=device)
         for start in range(0, n_train, batch):
-            s = data[order[start:start + batch]]
+            rows = order[start:start + batch]
+            s = data[rows]
             out = net(s, generator)
-            terms = net.loss(s, out, beta)
+            terms = net.loss(s, out, beta, _rows(sigma, rows))
             optimiser.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimiser.step()
@@ -221,13 +203,12 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
         if not math.isfinite(loss):
             raise FloatingPointError(f"{desc}: training loss became {loss} at epoch {epoch + 1}; "
                                      "lower the learning rate")
-        val = validation_loss(net, data, val_idx, beta, chunk) if val_idx.numel() else math.nan
-        used_noise_var, noise_var = noise_var, recon
+        val = (validation_loss(net, data, val_idx, beta, chunk, sigma) if val_idx.numel()
+               else math.nan)
+        noise = float(net.log_noise.detach().exp()) if sigma is None else math.nan
         for key, value in (("loss", loss), ("recon", recon), ("kl", kl), ("beta", beta),
-                           ("val_loss", val)):
+                           ("val_loss", val), ("sigma", noise)):
             history[key].append(value)
-        if "tau" in history:
-            history["tau"].append(tau)
         history["lr"].append(optimiser.param_groups[0]["lr"])
         bar.set_postfix(loss=f"{loss:.3g}", val=f"{val:.3g}", beta=f"{beta:.2g}")
         if epoch < settled:
@@ -236,8 +217,6 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
         if score < best:
             best, best_epoch, waited = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            if opts.get("beta") == "auto":
-                resolved = {"noise_variance": used_noise_var, "beta": beta}
         else:
             waited += 1
             if val_idx.numel() and waited >= int(opts["patience"]):
@@ -251,31 +230,90 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
     bar.close()
     if best_state is not None:
         net.load_state_dict(best_state)
-    if "tau_end" in opts:  # inference uses the final temperature even after an early stop
-        net.set_temperature(float(opts["tau_end"]))
     net.eval()
     return {"history": history, "best_epoch": best_epoch + 1, "epochs_run": epoch + 1,
-            "n_train": n_train, "n_validation": int(val_idx.numel()), "batch_size": batch,
-            "resolved": resolved}
+            "n_train": n_train, "n_validation": int(val_idx.numel()), "batch_size": batch}
 
 
 # ---- inference -------------------------------------------------------------------------------
 @torch.no_grad()
-def predict(net: PhysicsNet, data: torch.Tensor, *, chunk: int, n_samples: int = 0,
-            generator: torch.Generator | None = None) -> dict[str, np.ndarray]:
-    """Posterior-mean maps of every row of ``data``, in chunks. Returns numpy arrays:
-    ``params`` (N, P); for VAEs ``latent_mean`` (N, L) and, when ``n_samples`` >= 2, ``std``
-    (N, P) from that many posterior draws; for vaegmm ``responsibilities`` (N, K)."""
+def predict(net: PhysicsNet, data: torch.Tensor, *, chunk: int, n_samples: int = 64,
+            generator: torch.Generator | None = None, sigma: torch.Tensor | None = None,
+            refine_steps: int = 0) -> dict[str, np.ndarray]:
+    """Posterior summaries of every row of ``data``, in chunks. Returns numpy arrays: ``params``
+    (N, P), the posterior means of the squashed parameters (ssl: its point estimate); for VAEs
+    ``std`` (N, P), their posterior standard deviations, and ``latent_mean`` (N, L); for vaegmm
+    ``responsibilities`` (N, K). The expectations use :func:`posterior_nodes` (``n_samples``
+    points, the same for every voxel); ``refine_steps`` > 0 refines q first (Laplace at the MAP).
+    ``sigma`` (N, 1) is the noise level of every row (None: the network's learnt scalar)."""
     net.eval()
+    kwargs = {}
+    if net.is_vae:
+        nodes, weights = posterior_nodes(net.latent_dim, int(n_samples), generator, data.device)
+        kwargs = {"nodes": nodes, "node_weights": weights, "refine_steps": int(refine_steps)}
     parts: dict[str, list[np.ndarray]] = {}
     for start in range(0, data.shape[0], chunk):
         s = data[start:start + chunk]
-        out = dict(net.posterior_mean(s))
-        if net.is_vae and n_samples >= 2:
-            out["std"] = net.posterior_samples(s, n_samples, generator).std(dim=0)
+        sig = None if sigma is None else sigma[start:start + chunk]
+        out = net.posterior(s, sigma=sig, **kwargs)
         for key, value in out.items():
             parts.setdefault(key, []).append(value.float().cpu().numpy())
     return {key: np.concatenate(value) for key, value in parts.items()}
+
+
+def sigma_tensor(sigma, n: int, device) -> torch.Tensor:
+    """A scalar or one value per row -> a (n, 1) float32 tensor; raises ValueError when sigma is
+    not finite and positive or has the wrong length."""
+    arr = np.asarray(sigma, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = np.full(n, float(arr))
+    arr = arr.reshape(-1)
+    if arr.size != n:
+        raise ValueError(f"sigma must be a scalar or one value per voxel ({n}), got {arr.size}")
+    if not np.all(np.isfinite(arr) & (arr > 0)):
+        raise ValueError("sigma must be finite and > 0 in every voxel")
+    return torch.as_tensor(arr, dtype=torch.float32, device=device).reshape(n, 1)
+
+
+def initial_sigma(model: SignalModel, y: np.ndarray) -> tuple[float, str]:
+    """A starting value for the learnt noise level: the median over voxels of the spread (ddof 1)
+    of the repeated b0 volumes of the b0-normalised signals (sigma / S0 of a voxel when the b0
+    SNR is high), or 0.05 when the model's volumes have fewer than 2 b0."""
+    b0 = np.asarray(model.acquisition.b0_mask, dtype=bool)
+    if b0.sum() >= 2:
+        spread = np.std(y[:, b0], axis=1, ddof=1)
+        spread = spread[np.isfinite(spread) & (spread > 0)]
+        if spread.size:
+            return float(np.median(spread)), f"median spread of the {int(b0.sum())} b0 volumes"
+    return 0.05, "fixed 0.05 (fewer than 2 b0 volumes)"
+
+
+def make_predictor(net: PhysicsNet, model: SignalModel, opts: dict, device: torch.device,
+                   default_sigma, seed: int):
+    """The in-memory ``predict(signals, sigma=None) -> (params, std)`` of a trained network:
+    ``signals`` are b0-normalised (N, T) rows (the model's volumes or its full acquisition),
+    ``sigma`` a scalar or one value per row (None: ``default_sigma``, the fit's learnt or median
+    given noise level). Rows with non-finite signals are NaN; ``std`` is None for ssl. Nothing is
+    retrained; the sigma matters where the posterior is refined (``refine_steps``)."""
+    from .base import prepare_signals
+
+    def predict_new(signals, sigma=None):
+        y, valid = prepare_signals(model, signals)
+        sig = default_sigma if sigma is None else sigma
+        arr = np.asarray(sig, dtype=np.float64)
+        if arr.ndim and arr.size == valid.size:
+            arr = arr.reshape(-1)[valid]
+        with _matmul_precision(device, bool(opts.get("allow_tf32", False))):
+            data = torch.as_tensor(y).to(device)
+            out = predict(net, data, chunk=int(opts["inference_batch_size"]),
+                          n_samples=int(opts.get("n_posterior_samples", 64)),
+                          generator=torch.Generator(device=device).manual_seed(seed + 1),
+                          sigma=sigma_tensor(arr, len(y), device),
+                          refine_steps=int(opts.get("refine_steps", 0)))
+        std = scatter_rows(out["std"], valid) if "std" in out else None
+        return scatter_rows(out["params"], valid), std
+
+    return predict_new
 
 
 def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: str, *,
@@ -283,7 +321,10 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
                 progress: bool = True, sigma=None) -> FitResult:
     """Train the ``method`` network on ``y`` (float32, (n_valid, model.n_measurements),
     b0-normalised signals of the finite voxels) and return full-length maps (NaN where
-    ``valid`` is False). ``device`` is already resolved (see :func:`.resolve_device`)."""
+    ``valid`` is False). ``device`` is already resolved (see :func:`.resolve_device`).
+    ``sigma`` is the noise standard deviation of the b0-normalised signals (sigma / S0): a scalar
+    or one value per row of ``y``; None learns one scalar with the network (maximum of the
+    ELBO), started from :func:`initial_sigma`. ``hyperparameters['noise']`` records which."""
     if method not in NETWORK_METHODS:
         raise ValueError(f"{method!r} is not a network method; choose from {list(NETWORK_METHODS)}")
     opts = method_options(method, options, model.name)
@@ -301,26 +342,52 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     generator = torch.Generator(device=device).manual_seed(seed)
+    sigma_t = None if sigma is None else sigma_tensor(sigma, y.shape[0], device)
+    if sigma is None:
+        sigma_init, init_source = initial_sigma(model, y)
+    else:
+        sigma_init, init_source = float(sigma_t.median()), "the given sigma (median)"
     with _matmul_precision(device, bool(opts.get("allow_tf32", False))):
-        net = build_network(method, model, opts).to(device)
+        net = build_network(method, model, opts, sigma_init=sigma_init).to(device)
         data = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float32)).to(device)
         info = train_network(net, data, opts, generator=generator, progress=progress,
-                             desc=f"{model.name}/{method}")
+                             desc=f"{model.name}/{method}", sigma=sigma_t)
         t1 = time.perf_counter()
+        refine = int(opts.get("refine_steps", 0))
+        n_em = int(opts.get("prior_em_iterations", 0))
+        if net.is_vae and refine and n_em:
+            net.refined_prior = empirical_bayes_prior(
+                net, data, net.noise_sigma(sigma_t), n_iter=n_em, n_steps=refine,
+                chunk=int(opts["inference_batch_size"]))
         sampler = torch.Generator(device=device).manual_seed(seed + 1)
         out = predict(net, data, chunk=int(opts["inference_batch_size"]),
-                      n_samples=int(opts.get("n_posterior_samples", 0)), generator=sampler)
+                      n_samples=int(opts.get("n_posterior_samples", 64)), generator=sampler,
+                      sigma=sigma_t, refine_steps=int(opts.get("refine_steps", 0)))
     t2 = time.perf_counter()
     hyper = dict(opts)
     hyper.update(hidden_width=int(opts.get("hidden_width") or model.n_measurements),
-                 latent_dim=(int(opts.get("latent_dim") or model.n_raw)
-                             if "latent_dim" in opts else None),
+                 latent_dim=getattr(net, "latent_dim", None),
                  best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
                  n_train=info["n_train"], n_validation=info["n_validation"],
                  batch_size_used=info["batch_size"])
-    if "beta" in info["resolved"]:
-        hyper.update(beta_used=info["resolved"]["beta"],
-                     noise_variance_estimate=info["resolved"]["noise_variance"])
+    learnt = float(net.log_noise.detach().exp())
+    if sigma is None:
+        noise = {"sigma_source": "learnt", "sigma": learnt, "sigma_init": sigma_init,
+                 "sigma_init_source": init_source,
+                 "how": "one scalar noise level of the b0-normalised signals, trained with the "
+                        "network as a parameter of the ELBO (the maximum-likelihood noise level "
+                        "of the fit)"}
+        default_sigma = learnt
+    else:
+        given = sigma_t.cpu().numpy().reshape(-1)
+        noise = {"sigma_source": "given", "sigma": float(np.median(given)),
+                 "sigma_min": float(given.min()), "sigma_max": float(given.max()),
+                 "per_voxel": bool(np.ndim(sigma) > 0),
+                 "how": "noise level of the b0-normalised signals given by the caller"}
+        default_sigma = float(np.median(given))
+    noise.update(model=opts.get("noise_model", "rician"),
+                 n_coils=int(opts.get("n_coils", 1)) if opts.get("noise_model") == "ncchi" else 1)
+    hyper["noise"] = noise
     hist = info["history"]
     log.info("%s/%s: %d epochs (best %d, val loss %.4g) on %s in %.1f s", model.name, method,
              info["epochs_run"], info["best_epoch"],
@@ -337,4 +404,5 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
         timings={"fit_seconds": t2 - t0, "voxels_per_second": y.shape[0] / max(t2 - t0, 1e-9),
                  "train_seconds": t1 - t0, "predict_seconds": t2 - t1,
                  "voxel_epochs_per_second": info["n_train"] * info["epochs_run"] / max(t1 - t0, 1e-9)},
-        device=str(device), seed=int(seed))
+        device=str(device), seed=int(seed),
+        predict=make_predictor(net, model, opts, device, default_sigma, int(seed)))
