@@ -131,12 +131,14 @@ def _args_from_config(config: Config, args) -> argparse.Namespace:
         bids_dir=config.bids_dir, output_dir=config.output_dir,
         analysis_level=config.analysis_level, participant_label=config.participant_label,
         session_label=config.session_label,
-        models=config.models if config.models_explicit else None, methods=config.methods,
+        models=(config.models + (["qsm"] if config.qsm_methods else [])) if config.models_explicit
+        else None, methods=config.methods + config.qsm_methods,
         work_dir=config.work_dir, device=config.device, nprocs=config.nprocs or None,
         omp_nthreads=config.omp_nthreads or None, mem_gb=config.mem_gb or None,
         seed=config.seed, config_file=None, derivatives=config.derivatives, use_plugin=None,
         skip_bids_validation=config.skip_bids_validation, verbosity=config.verbosity,
-        fetch_hcp=False, input_type="bids", hcp_profile=None, run_config=None, given=set())
+        fetch_hcp=False, input_type="bids", hcp_profile=None, run_config=None,
+        given={"methods"})
     for dest in args.given:
         setattr(ns, dest, getattr(args, dest))
     return ns
@@ -189,8 +191,16 @@ def build_config(args) -> Config:
         hyper, config_file = saved.hyperparameters, saved.config_file
     from ..fitting.options import check_options, options_for
     from ..physics import available_models
-    for model in args.models or available_models():
-        for method in dict.fromkeys(args.methods):
+    dwi_models, dwi_methods, qsm_methods = split_families(args)
+    if qsm_methods:
+        from ..qsm.options import qsm_options
+        try:
+            qsm_options(hyper)
+        except ValueError as exc:
+            where = f"{config_file}: " if config_file else ""
+            raise VaemapError(f"{where}{exc}", ExitCode.USAGE) from None
+    for model in dwi_models:
+        for method in dwi_methods:
             try:
                 check_options(method, model, options_for(hyper, method, model))
             except ValueError as exc:
@@ -205,14 +215,59 @@ def build_config(args) -> Config:
         bids_dir=str(bids_dir), output_dir=str(output_dir), analysis_level=args.analysis_level,
         participant_label=_labels(args.participant_label, "sub"),
         session_label=_labels(args.session_label, "ses"),
-        models=list(dict.fromkeys(args.models)) if args.models else available_models(),
-        models_explicit=bool(args.models), methods=list(dict.fromkeys(args.methods)),
+        models=dwi_models, models_explicit=bool(args.models), methods=dwi_methods or
+        list(dict.fromkeys(m for m in args.methods if m not in _qsm_methods())),
+        qsm_methods=qsm_methods,
         work_dir=str(work_dir), device=args.device, nprocs=args.nprocs or 0,
         omp_nthreads=args.omp_nthreads or 0, mem_gb=args.mem_gb or 0.0, seed=args.seed,
         config_file=config_file, hyperparameters=hyper,
         derivatives=[str(Path(d).resolve()) for d in args.derivatives],
         plugin=plugin, plugin_args=plugin_args, skip_bids_validation=args.skip_bids_validation,
         verbosity=args.verbosity)
+
+
+def _qsm_methods() -> tuple:
+    from ..qsm.options import QSM_METHODS
+    return QSM_METHODS
+
+
+def split_families(args) -> tuple[list, list, list]:
+    """``(diffusion models, diffusion methods, QSM methods)`` of the command line.
+
+    ``--methods`` is checked per model family: each model runs the methods of its family
+    (diffusion: lsq ssl vaeunig vaegmm; qsm: tkd tv dip); without ``--methods`` every model runs
+    all of its family's methods. Given ``--methods``, a family asked for in ``--models`` with none
+    of its methods listed, or a method whose family has no model asked for, is a usage error.
+    ``qsm`` runs only when named in ``--models``."""
+    from ..fitting.base import METHODS
+    from ..physics import available_models
+    qsm_all = _qsm_methods()
+    asked = list(dict.fromkeys(args.models)) if args.models else None
+    want_qsm = bool(asked) and "qsm" in asked
+    dwi_models = [m for m in asked if m != "qsm"] if asked else available_models()
+    methods = list(dict.fromkeys(args.methods))
+    explicit = "methods" in getattr(args, "given", {"methods"})
+    if not explicit:
+        return dwi_models, list(METHODS) if dwi_models else [], \
+            list(qsm_all) if want_qsm else []
+    dwi_methods = [m for m in methods if m in METHODS]
+    qsm_methods = [m for m in methods if m in qsm_all]
+    if qsm_methods and not want_qsm:
+        raise VaemapError(f"--methods {' '.join(qsm_methods)}: QSM methods need --models qsm",
+                          ExitCode.USAGE)
+    if want_qsm and not qsm_methods:
+        raise VaemapError(f"--models qsm needs one of {', '.join(qsm_all)} in --methods",
+                          ExitCode.USAGE)
+    if dwi_methods and not dwi_models:
+        raise VaemapError(f"--methods {' '.join(dwi_methods)}: diffusion methods need a "
+                          f"diffusion model in --models ({', '.join(available_models())})",
+                          ExitCode.USAGE)
+    if dwi_models and not dwi_methods:
+        if asked:
+            raise VaemapError(f"--models {' '.join(dwi_models)} needs one of "
+                              f"{', '.join(METHODS)} in --methods", ExitCode.USAGE)
+        dwi_models = []
+    return dwi_models, dwi_methods, qsm_methods
 
 
 def resolve_device(config: Config) -> None:
@@ -240,12 +295,19 @@ def plan_all(config: Config):
     through every image once, and zlib releases the GIL)."""
     from ..dataset.bids import NoMatchingData, collect_dwi_series, plan_series
 
-    try:
-        series = collect_dwi_series(config.bids_dir, config.participant_label, config.session_label)
-    except NoMatchingData as exc:
-        raise VaemapError(str(exc), ExitCode.NO_DATA) from None
-    except ValueError as exc:
-        raise VaemapError(str(exc), ExitCode.DATAERR) from None
+    qsm_plans = plan_qsm_all(config) if config.qsm_methods else []
+    series = []
+    if config.models:
+        try:
+            series = collect_dwi_series(config.bids_dir, config.participant_label,
+                                        config.session_label)
+        except NoMatchingData as exc:
+            if not qsm_plans or config.models_explicit:
+                raise VaemapError(str(exc), ExitCode.NO_DATA) from None
+        except ValueError as exc:
+            raise VaemapError(str(exc), ExitCode.DATAERR) from None
+    if not series:
+        return qsm_plans
 
     plan_dir = Path(config.work_dir) / "plans"
 
@@ -263,7 +325,33 @@ def plan_all(config: Config):
     for result in results:
         if isinstance(result, VaemapError):
             raise result
-    return results
+    return results + qsm_plans
+
+
+def plan_qsm_all(config: Config):
+    """Find and check every MEGRE series of the selection (``--models qsm``)."""
+    from ..qsm.inputs import collect_megre_series, plan_qsm_series
+    root = Path(config.bids_dir)
+    subjects = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir())
+    unknown = [s for s in config.participant_label if s not in subjects]
+    if unknown:
+        raise VaemapError(f"{config.bids_dir}: participant(s) {', '.join(unknown)} not found "
+                          f"(the dataset has: {', '.join(subjects) or 'none'})", ExitCode.NO_DATA)
+    series = collect_megre_series(config.bids_dir, config.participant_label,
+                                  config.session_label)
+    if not series:
+        who = ", ".join(config.participant_label) or "any participant"
+        raise VaemapError(f"{config.bids_dir}: --models qsm: no MEGRE series (anat/*_echo-<N>_"
+                          f"part-{{mag,phase}}_MEGRE.nii[.gz]) found for {who}", ExitCode.NO_DATA)
+    plans = []
+    for one in series:
+        try:
+            plans.append(plan_qsm_series(one, config.derivatives))
+        except FileNotFoundError as exc:
+            raise VaemapError(str(exc).strip("'\""), ExitCode.NOINPUT) from None
+        except ValueError as exc:
+            raise VaemapError(str(exc), ExitCode.DATAERR) from None
+    return plans
 
 
 def _check_level(level) -> None:
@@ -497,8 +585,12 @@ def finish_participants(config: Config, plans) -> None:
     from ..reports.participant import generate_participant_report
 
     from ..outputs.table import output
+    from ..qsm.inputs import QsmPlan
     for plan in plans:
         sub_dir = Path(config.output_dir) / naming.subject_dir(plan.series.entities)
+        if isinstance(plan, QsmPlan):
+            log.info("%s: QSM maps in %s", plan.series.prefix, sub_dir / "anat")
+            continue
         log.info("%s: maps in %s, run records in %s", plan.series.prefix, sub_dir / "dwi",
                  sub_dir / "log")
         for model in plan.models_to_run():
@@ -513,9 +605,15 @@ def finish_participants(config: Config, plans) -> None:
                     log.warning("%s %s/%s: %.0f %% of the voxels have a parameter at a bound of "
                                 "its range: is the signal constant, or the model wrong for these "
                                 "data?", plan.series.prefix, model, method, 100 * at_bound / n)
+    dwi_subjects = {p.series.entities["subject"] for p in plans if not isinstance(p, QsmPlan)}
     for subject in sorted({plan.series.entities["subject"] for plan in plans}):
         try:
-            generate_participant_report(config.output_dir, subject, bids_dir=config.bids_dir)
+            if subject in dwi_subjects:
+                generate_participant_report(config.output_dir, subject, bids_dir=config.bids_dir)
+            if any(isinstance(p, QsmPlan) and p.series.entities["subject"] == subject
+                   for p in plans):
+                from ..reports.qsm import add_qsm_report
+                add_qsm_report(config.output_dir, subject)
         except (OSError, ValueError) as exc:
             raise VaemapError(f"sub-{subject}: the report could not be written ({exc})",
                               ExitCode.CANTCREAT) from None
