@@ -139,3 +139,49 @@ def add_qsm_report(output_dir, subject: str) -> Path:
 
 
 __all__ = ["qsm_figures", "qsm_section", "add_qsm_report"]
+
+
+def group_qsm_rows(output_dir) -> list[dict]:
+    """One row per (MEGRE series, method) from the QSM outputs in ``output_dir``: the chi
+    distribution in the mask (median, 5th and 95th percentiles, ppm), the local field's RMS and
+    the run time."""
+    output_dir = Path(output_dir)
+    rows = []
+    for path in sorted(output_dir.glob("sub-*/**/log/*_desc-qsmrecord_qsm.json")):
+        rec = json.loads(path.read_text())
+        ents = rec["entities"]
+        mask = np.asanyarray(nib.load(output_dir / naming.qsm_path(ents, "mask")).dataobj) > 0
+        local = np.asanyarray(nib.load(output_dir / naming.qsm_path(ents, "localfield")).dataobj)
+        for method, mrec in rec["methods"].items():
+            chi = np.asanyarray(nib.load(output_dir / naming.qsm_path(ents, "chi", method)).dataobj)
+            v = chi[mask]
+            rows.append({"subject": ents["subject"], "session": ents.get("session") or "",
+                         "acquisition": ents.get("acquisition") or "", "run": ents.get("run") or "",
+                         "method": method, "n_voxels": int(mask.sum()),
+                         "chi_median_ppm": float(np.median(v)),
+                         "chi_p05_ppm": float(np.percentile(v, 5)),
+                         "chi_p95_ppm": float(np.percentile(v, 95)),
+                         "localfield_rms_ppm": float(np.sqrt(np.mean(local[mask] ** 2))),
+                         "seconds": float(mrec.get("seconds") or 0.0)})
+    return rows
+
+
+def group_qsm_html(rows: list[dict]) -> str:
+    """The QSM table of ``group.html`` (the same rows as ``group_qsm.tsv``)."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(
+        f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+        for v in r.values()) + "</tr>" for r in rows)
+    return (f'{_START}<section id="qsm"><h2>QSM</h2><p>chi in ppm inside each series\' mask '
+            f"(referenced to the mask mean); table also in <code>group_qsm.tsv</code>.</p>"
+            f"<table><tr>{head}</tr>{body}</table></section>{_END}")
+
+
+def write_group_qsm_tsv(path, rows: list[dict]) -> Path:
+    cols = list(rows[0])
+    lines = ["\t".join(cols)] + ["\t".join(f"{v:.6g}" if isinstance(v, float) else str(v)
+                                           for v in r.values()) for r in rows]
+    return write_text_atomic(path, "\n".join(lines) + "\n")
