@@ -78,6 +78,7 @@ class Config:
     models: list[str] = field(default_factory=lambda: ["msdki", "ballstick"])
     models_explicit: bool = False
     methods: list[str] = field(default_factory=lambda: list(_methods()))
+    qsm_methods: list[str] = field(default_factory=list)   # --models qsm: tkd, tv, dip
     work_dir: str = ""
     device: str = "auto"            # as asked for
     resolved_device: str = ""       # cpu or cuda after resolving "auto"

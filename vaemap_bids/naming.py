@@ -102,3 +102,30 @@ def parse_series_entities(name: str) -> dict:
     """The series entities of a BIDS file name, as ``{"subject": ..., "session": ...}``."""
     keys = parse(name)
     return {entity: keys[key] for entity, key in ENTITIES[:len(SERIES_ENTITIES)] if key in keys}
+
+
+# ---- QSM (MEGRE input, outputs in anat/) ------------------------------------------------------
+#: kind -> (desc, suffix): ``sub-<L>[_ses-<S>]_model-qsm_desc-<desc>_<suffix>.nii.gz``; the brain
+#: mask has no model entity (as the DWI one). Fields are ``fieldmap`` with ``Units: ppm`` in the
+#: sidecar (BIDS has no suffix for a field in ppm; BEP016-like ``model-qsm`` marks them).
+QSM_OUTPUTS = {"localfield": ("localfield", "fieldmap"), "totalfield": ("totalfield", "fieldmap"),
+               "mask": ("brain", "mask"), "record": ("qsmrecord", "qsm")}
+
+
+def qsm_name(entities: dict, kind: str, method: str | None = None, extension=".nii.gz") -> str:
+    """``sub-01_model-qsm_desc-tv_Chimap.nii.gz`` (``kind="chi"``), ``..._desc-localfield_
+    fieldmap.nii.gz``, ``sub-01_desc-brain_mask.nii.gz``; relative to the subject's folder."""
+    ents = series_entities(entities)
+    if kind == "chi":
+        return build_name({**ents, "model": "qsm", "desc": method}, "Chimap", extension)
+    desc, suffix = QSM_OUTPUTS[kind]
+    if kind != "mask":
+        ents = {**ents, "model": "qsm"}
+    return build_name({**ents, "desc": desc}, suffix, ".json" if kind == "record" else extension)
+
+
+def qsm_path(entities: dict, kind: str, method: str | None = None) -> str:
+    """The path of a QSM output relative to OUTPUT_DIR (``sub-<L>[/ses-<S>]/anat/...``; the run
+    record goes to ``.../log/``)."""
+    folder = "log" if kind == "record" else "anat"
+    return f"{subject_dir(entities)}/{folder}/{qsm_name(entities, kind, method)}"

@@ -237,7 +237,7 @@ def test_config_file_missing_or_wrong(capsys, ds):
     assert_error(code, err, 64, "bad.yaml", "epoch")
     # a known option with a bad value is refused before any work starts, not by a failing node
     for text, option in (("ssl:\n  lr: -1\n", "lr"), ("lsq@msdki:\n  solver: magic\n", "solver"),
-                         ("vaegmm:\n  noise_model: poisson\n", "noise model"),
+                         ("vaegmm:\n  noise_model: poisson\n", "noise_model"),
                          ("lsq:\n  noise_model: rician\n  n_coils: 4\n", "ncchi")):
         bad.write_text(text)
         code, err = run_cli(capsys, *participant(ds, "--config", bad))

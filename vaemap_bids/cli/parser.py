@@ -107,15 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "default profile; AWS_ENDPOINT_URL is honoured)")
 
     mod = parser.add_argument_group("models and estimators")
-    mod.add_argument("--models", nargs="+", choices=available_models(), metavar="MODEL",
-                     default=None,
+    from ..qsm.options import QSM_METHODS
+    mod.add_argument("--models", nargs="+", choices=available_models() + ["qsm"],
+                     metavar="MODEL", default=None,
                      help=f"signal models, from {', '.join(available_models())} (default: all "
                           "that the acquisition supports; a model named here that the "
-                          "acquisition cannot support is an error)")
-    mod.add_argument("--methods", nargs="+", choices=METHODS, metavar="METHOD",
+                          "acquisition cannot support is an error), and qsm (susceptibility "
+                          "from MEGRE in anat/; only when named)")
+    mod.add_argument("--methods", nargs="+", choices=METHODS + QSM_METHODS, metavar="METHOD",
                      default=list(DEFAULT_METHODS),
-                     help=f"estimators, from {', '.join(METHODS)} (default: "
-                          f"{' '.join(DEFAULT_METHODS)}; svae, the spatial VAE, on request)")
+                     help=f"estimators, from {', '.join(METHODS)} (diffusion models) and "
+                          f"{', '.join(QSM_METHODS)} (qsm); each model runs the methods of its "
+                          "family; a method whose family has no model asked for is an error "
+                          f"(default: {' '.join(DEFAULT_METHODS)} for the diffusion models, svae "
+                          "on request, and all QSM methods for qsm)")
     mod.add_argument("--noise-model", "--noise_model", dest="noise_model",
                      choices=("rician", "gaussian"), default=None,
                      help="likelihood of every estimator: rician (magnitude data, the default of "

@@ -49,7 +49,14 @@ def load_config(path: str | Path) -> dict:
         raise ValueError(f"{path}: cannot read hyper-parameter file ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of method -> options")
+    from ..qsm.options import QSM_BLOCKS, qsm_options
     for block, opts in data.items():
+        if block in QSM_BLOCKS:   # QSM: checked as one set (vaemap_bids/data/qsm.yaml)
+            try:
+                qsm_options({block: opts})
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
+            continue
         method, _, model = str(block).partition("@")
         if not isinstance(opts, dict):
             raise ValueError(f"{path}: block {block!r} must be a mapping of option: value")

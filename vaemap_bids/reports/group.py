@@ -257,8 +257,12 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
     with tempfile.TemporaryDirectory(prefix=".vaemap-group-", dir=output_dir) as tmp:
         blocks = [_model_block(model, rows, output_dir, Path(tmp))
                   for model, rows in sorted(rows_by_model.items())]
+    from .qsm import group_qsm_html, group_qsm_rows, write_group_qsm_tsv
+    qsm_rows = group_qsm_rows(output_dir)   # QSM (MEGRE) outputs: group_qsm.tsv, a table
+    if qsm_rows:
+        write_group_qsm_tsv(output_dir / "group_qsm.tsv", qsm_rows)
     reports = {s: f"sub-{s}.html" for s in expected if (output_dir / f"sub-{s}.html").is_file()}
-    if not expected:
+    if not expected and not qsm_rows:
         code = ExitCode.NO_DATA
     elif problems:
         code = ExitCode.NOINPUT
@@ -272,7 +276,10 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
            "source": ("participant labels given" if participant_labels else
                       "subjects of the BIDS dataset" if bids_dir is not None else
                       "subjects found in the output directory")}
-    write_text(output_dir / "group.html", render("group.html", ctx))
+    page = render("group.html", ctx)
+    if qsm_rows:
+        page = page.replace("</main>", group_qsm_html(qsm_rows) + "\n</main>", 1)
+    write_text(output_dir / "group.html", page)
     if problems:
         for subject, issues in sorted(problems.items()):
             log.error("group level: sub-%s is missing or incomplete: %s", subject, "; ".join(issues))

@@ -24,8 +24,11 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 def init_vaemap_wf(config: Config, plans: list[SeriesPlan]) -> pe.Workflow:
     """``vaemap_wf`` with one :func:`init_series_wf` per series, based in the work dir."""
     wf = pe.Workflow(name="vaemap_wf", base_dir=str(Path(config.work_dir).resolve()))
+    from ..qsm.inputs import QsmPlan
+    from .qsm import init_qsm_wf
     for plan in plans:
-        wf.add_nodes([init_series_wf(plan, config)])
+        wf.add_nodes([init_qsm_wf(plan, config) if isinstance(plan, QsmPlan)
+                      else init_series_wf(plan, config)])
     return wf
 
 
