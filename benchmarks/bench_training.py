@@ -4,6 +4,7 @@
     python benchmarks/bench_training.py memory   # (d) peak RSS of training and inference, HCP size
     python benchmarks/bench_training.py science  # SNR-20 cluster simulation: lsq/ssl/vaeunig/vaegmm
     python benchmarks/bench_training.py roofline # achieved FLOP/s of the trainer vs measured matmul peak
+    python benchmarks/bench_training.py subsample # amortised training on a subsample vs on all voxels
 
 (c) Same network (vaegmm, MS-DKI, HCP shells b <= 2: 198 volumes), same initial weights, same
     loss, KL and temperature schedules and epochs, on the same 100k simulated voxels. The
@@ -263,6 +264,37 @@ def bench_roofline(args) -> dict:
             "runs": rows, "target_fraction": 0.30}
 
 
+# ---- amortised training on a subsample ---------------------------------------------------------
+def bench_subsample(args) -> dict:
+    """The same simulation fitted by ``args.method`` trained on every voxel and on a stratified
+    subsample of ``--train-voxels`` (then inferring every voxel): RMSE against the truth per
+    parameter and cluster, and the wall time of each."""
+    from vaemap_bids.fitting import fit
+
+    sim = simulate_clusters(hcp_acquisition(), args.n, snr=args.snr, seed=args.seed)
+    names = [p.label for p in sim.model.parameters]
+    runs = {}
+    for label, train in (("all voxels", None), (f"{args.train_voxels} voxels", args.train_voxels)):
+        t0 = time.perf_counter()
+        res = fit(sim.model, sim.noisy, args.method, device=args.device, seed=args.seed,
+                  options={"train_voxels": train}, progress=False)
+        seconds = time.perf_counter() - t0
+        err = res.params - sim.params
+        runs[label] = {"train_voxels": train, "seconds": seconds,
+                       "epochs_run": res.hyperparameters.get("epochs_run"),
+                       "rmse": {c: {p: float(np.sqrt(np.nanmean(err[sim.labels == k, i] ** 2)))
+                                    for i, p in enumerate(names)}
+                                for k, c in enumerate(sim.cluster_names)}}
+        print(f"  {label}: {seconds:.0f} s, epochs {runs[label]['epochs_run']}, RMSE "
+              + ", ".join(f"{c} " + "/".join(f"{v:.4f}" for v in r.values())
+                          for c, r in runs[label]["rmse"].items()), flush=True)
+    full, sub = runs["all voxels"], runs[f"{args.train_voxels} voxels"]
+    ratio = {c: {p: sub["rmse"][c][p] / full["rmse"][c][p] for p in names} for c in full["rmse"]}
+    return {"method": args.method, "n_voxels": args.n, "snr": args.snr, "runs": runs,
+            "rmse_ratio_subsample_over_full": ratio,
+            "speedup": full["seconds"] / sub["seconds"], "target_ratio": 1.02}
+
+
 # ---- science target ----------------------------------------------------------------------------
 def bench_science(args) -> dict:
     from vaemap_bids.fitting import fit
@@ -326,7 +358,8 @@ def science_table(row: dict, names) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["loop", "memory", "science", "roofline", "_memory-child"])
+    ap.add_argument("what", choices=["loop", "memory", "science", "roofline", "subsample",
+                                     "_memory-child"])
     ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     ap.add_argument("--n", type=int, help="voxels (loop 100000, memory 900000, science 10000)")
     ap.add_argument("--epochs", type=int, help="epochs (loop 3, memory 1)")
@@ -338,13 +371,15 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="vaegmm", help="roofline: the network method")
     ap.add_argument("--batch-sizes", dest="batch_sizes", type=int, nargs="+",
                     default=[1024, 4096, 16384], help="roofline: batch sizes")
+    ap.add_argument("--train-voxels", dest="train_voxels", type=int, default=10_000,
+                    help="subsample: training voxels of the subsampled fit")
     ap.add_argument("--phase", choices=["train", "infer"], help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     defaults = {"loop": (100_000, 3), "memory": (900_000, 1), "_memory-child": (900_000, 1),
-                "science": (10_000, None), "roofline": (50_000, 3)}[args.what]
+                "science": (10_000, None), "roofline": (50_000, 3), "subsample": (40_000, None)}[args.what]
     args.n = args.n or defaults[0]
     args.epochs = args.epochs or defaults[1]
     if args.what == "_memory-child":
@@ -352,7 +387,7 @@ def main(argv=None) -> int:
         return 0
     print(f"## bench_training {args.what}  ({' '.join(sys.argv[1:])})", flush=True)
     run = {"loop": bench_loop, "memory": bench_memory, "science": bench_science,
-           "roofline": bench_roofline}[args.what]
+           "roofline": bench_roofline, "subsample": bench_subsample}[args.what]
     result = {"what": args.what, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "machine": machine(), "result": run(args)}
     if args.what == "loop":

@@ -40,3 +40,21 @@ def test_train_voxels_values(value, expected):
 def test_bad_train_voxels_are_refused(value):
     with pytest.raises(ValueError, match="train_voxels"):
         resolve_train_voxels(value, 50)
+
+
+def test_subsampled_training_infers_every_voxel_and_is_deterministic():
+    from vaemap_bids.fitting import fit
+
+    sim = simulate_clusters(hcp_acquisition(), 1500, snr=30.0, seed=2)
+    opts = {"epochs": 3, "batch_size": 64, "warmup_epochs": 1, "ramp_epochs": 1,
+            "n_posterior_samples": 4, "refine_steps": 1, "prior_em_iterations": 1,
+            "train_voxels": 400}
+    a = fit(sim.model, sim.noisy, "vaegmm", device="cpu", seed=1, options=opts, progress=False)
+    b = fit(sim.model, sim.noisy, "vaegmm", device="cpu", seed=1, options=opts, progress=False)
+    np.testing.assert_array_equal(a.params, b.params)
+    np.testing.assert_array_equal(a.std, b.std)
+    assert np.isfinite(a.params).all() and a.responsibilities.shape == (1500, 3)
+    assert a.hyperparameters["n_train_voxels"] == 400
+    assert a.hyperparameters["n_train"] + a.hyperparameters["n_validation"] == 400
+    with pytest.raises(ValueError, match="train_voxels"):
+        fit(sim.model, sim.noisy, "ssl", device="cpu", options={"train_voxels": 5})

@@ -36,6 +36,7 @@ from .base import NETWORK_METHODS, FitResult, scatter_rows
 from .networks import (ACTIVATIONS, COVARIANCES, NOISE_MODELS, PhysicsNet, build_network,
                        empirical_bayes_prior, posterior_nodes)
 from .options import method_options
+from .subsample import resolve_train_voxels, stratified_subsample
 
 log = logging.getLogger("vaemap.fitting.train")
 
@@ -81,6 +82,8 @@ def check_options(method: str, opts: dict) -> None:
     need("posterior_covariance", lambda v: v in COVARIANCES, f"one of {list(COVARIANCES)}")
     need("refine_steps", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)")
     need("prior_em_iterations", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)")
+    need("train_voxels", lambda v: v is None or (is_int(v) and v >= 100),
+         "null (every voxel) or an integer >= 100")
 
 
 #: ``batch_size: auto`` gives about this many Adam steps per epoch, within AUTO_BATCH_RANGE: small
@@ -347,17 +350,26 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
         sigma_init, init_source = initial_sigma(model, y)
     else:
         sigma_init, init_source = float(sigma_t.median()), "the given sigma (median)"
+    # amortised: train on a stratified subsample (fitting/subsample.py), infer every voxel
+    n_train = resolve_train_voxels(opts.get("train_voxels"), y.shape[0])
+    rows = stratified_subsample(y, n_train, seed) if n_train < y.shape[0] else None
     with _matmul_precision(device, bool(opts.get("allow_tf32", False))):
         net = build_network(method, model, opts, sigma_init=sigma_init).to(device)
         data = torch.as_tensor(np.ascontiguousarray(y, dtype=np.float32)).to(device)
-        info = train_network(net, data, opts, generator=generator, progress=progress,
-                             desc=f"{model.name}/{method}", sigma=sigma_t)
+        if rows is None:
+            train_data, train_sigma = data, sigma_t
+        else:
+            picked = torch.as_tensor(rows, device=device)
+            train_data = data[picked]
+            train_sigma = None if sigma_t is None else sigma_t[picked]
+        info = train_network(net, train_data, opts, generator=generator, progress=progress,
+                             desc=f"{model.name}/{method}", sigma=train_sigma)
         t1 = time.perf_counter()
         refine = int(opts.get("refine_steps", 0))
         n_em = int(opts.get("prior_em_iterations", 0))
         if net.is_vae and refine and n_em:
             net.refined_prior = empirical_bayes_prior(
-                net, data, net.noise_sigma(sigma_t), n_iter=n_em, n_steps=refine,
+                net, train_data, net.noise_sigma(train_sigma), n_iter=n_em, n_steps=refine,
                 chunk=int(opts["inference_batch_size"]))
         sampler = torch.Generator(device=device).manual_seed(seed + 1)
         out = predict(net, data, chunk=int(opts["inference_batch_size"]),
@@ -369,6 +381,7 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
                  latent_dim=getattr(net, "latent_dim", None),
                  best_epoch=info["best_epoch"], epochs_run=info["epochs_run"],
                  n_train=info["n_train"], n_validation=info["n_validation"],
+                 n_train_voxels=n_train,
                  batch_size_used=info["batch_size"])
     learnt = float(net.log_noise.detach().exp())
     if sigma is None:
