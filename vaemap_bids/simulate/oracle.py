@@ -47,7 +47,7 @@ _CHUNK_ELEMENTS = 6_000_000
 class OracleGrid:
     """Resolution of the oracle's quadrature (defaults: refining changes nothing, see tests)."""
 
-    n_d: int = 40            # Gauss-Legendre nodes in D
+    n_d: int = 56            # Gauss-Legendre nodes in D
     n_k: int = 24            # Gauss-Legendre nodes in K (per D column)
     n_c: int = 17            # trapezoid nodes of the b0 normaliser c
     c_width: float = 6.5     # c range: 1 +- c_width sigma / sqrt(n_b0)
@@ -191,8 +191,8 @@ def posterior_moments(model, y: np.ndarray, sigma: float, prior: Prior, *,
         h_box = torch.as_tensor(half[lo:hi], dtype=dt, device=device)
         slope = torch.zeros(hi - lo, dtype=dt, device=device)
         for step in range(grid.passes):
-            # the boxes are placed on a coarse grid; only the last pass has the full one
-            g = grid if step == grid.passes - 1 else grid.coarse()
+            # the first boxes are placed on a coarse grid, the last two passes use the full one
+            g = grid if step >= grid.passes - 2 else grid.coarse()
             m, cov, res = _moments(yt, sigma, prior, b0, shells, bvals, c_box, h_box, slope,
                                    g, renormalised)
             # the next box: D within mean +- width sd, K within +- width conditional sd around
