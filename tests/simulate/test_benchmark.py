@@ -224,3 +224,29 @@ def test_vaemap_sim_sweep_tiny(tmp_path, capsys):
     assert grid == {("ssl", None, None), ("vaeunig", 1, 0.01), ("vaeunig", 2, 0.01)}
     assert (out / benchmark.SWEEP_PNG).read_bytes()[:4] == b"\x89PNG"
     assert "latent dim" in (out / benchmark.SWEEP_MD).read_text()
+
+
+def test_oracle_row_ratios_and_coverage(tmp_path):
+    """lsq and the oracle on a small run: the oracle is a row with a std, every RMSE is shown as
+    a multiple of the oracle's, and coverage is reported for every method with a std."""
+    torch.set_num_threads(1)
+    out = tmp_path / "sim"
+    rc = benchmark.main(["--n-voxels", "90", "--snr", "30", "--seeds", "0", "--methods", "lsq",
+                         "oracle", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / benchmark.RESULTS_JSON).read_text())
+    runs = {r["method"]: r for r in res["runs"]}
+    assert set(runs) == {"lsq", "oracle"}
+    assert runs["lsq"]["noise"]["sigma_source"] == "given"
+    assert runs["lsq"]["noise"]["sigma"] == "per voxel"   # sigma / noisy mean b0
+    for run in runs.values():
+        cov = run["coverage"]["msd"]
+        assert set(cov) == {"WM-like", "GM-like", "CSF-like", "pooled"}
+        assert 0.0 <= cov["pooled"] <= 1.0
+    # the posterior mean has the least pooled squared error of any estimator
+    for lab in ("msd", "msk"):
+        assert (runs["oracle"]["metrics"][lab]["pooled"]["rmse"]
+                <= runs["lsq"]["metrics"][lab]["pooled"]["rmse"])
+    md = (out / benchmark.RESULTS_MD).read_text()
+    assert "| oracle | " in md and "(1.00×)" in md and "95 % coverage" in md
+    assert "noisy measured mean b0" in md

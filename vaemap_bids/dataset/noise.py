@@ -17,10 +17,11 @@ Which estimate is honest depends on the input:
   interpolation (motion/eddy correction) or denoising shrinks it.
 - ``piesno`` (dipy, Koay et al. 2009): needs the raw magnitude with its noisy background (not
   skull-stripped, not zero-filled, not denoised); finds the pure-noise voxels slice by slice.
-- ``estimate_sigma`` (dipy): the local-difference estimator with Koay's correction for the
-  background (theta = 0); also needs a noisy background, and reads structure as noise where
-  there is little of it. Only the coil counts dipy tabulates (1, 4, 6, 8, 12, 16, 20, 24, 32,
-  64).
+- ``estimate_sigma`` (dipy): the local-difference estimator over the whole volume with Koay's
+  correction for pure background (theta = 0) applied everywhere; it reads edges and structure
+  as noise (on the tests' synthetic head with a sharp edge, about 3 sigma), so ``auto`` never
+  picks it; only when asked for, on data dominated by a noisy background. Only the coil counts
+  dipy tabulates (1, 4, 6, 8, 12, 16, 20, 24, 32, 64).
 - ``auto``: ``b0`` with >= 2 b0 volumes; else ``piesno`` when the volume has a non-zero
   background outside the mask; else no honest estimate: ``(None, info)``, and
   :func:`vaemap_bids.fitting.fit` falls back on the residuals of a Gaussian fit (recorded).
@@ -57,18 +58,22 @@ def koay_xi(theta, n_coils: int = 1):
 
 
 def koay_theta(mean, var, n_coils: int = 1, iterations: int = 60):
-    """SNR theta of each sample from its magnitude mean and variance (Koay-Basser fixed point
-    ``theta = sqrt(xi(theta) (1 + mean^2 / var) - 2L)``; 0 where the mean is at or below the
-    noise floor)."""
+    """SNR theta of each sample from its magnitude mean and variance: the root of Koay and
+    Basser's ``theta^2 = xi(theta) (1 + mean^2 / var) - 2L``, by bisection (their fixed-point
+    iteration crawls near the floor); 0 where the mean is at or below the noise floor."""
     mean = np.asarray(mean, dtype=np.float64)
     var = np.maximum(np.asarray(var, dtype=np.float64), 1e-300)
     L = int(n_coils)
     r2 = mean ** 2 / var
     floor = r2 <= (2 * L) / koay_xi(0.0, L) - 1  # at the floor: pure noise, theta = 0
-    theta = np.sqrt(np.maximum(r2 - 1, 0.0))     # the Gaussian answer as the start
+    lo = np.zeros_like(r2)
+    hi = np.sqrt(r2) + 2.0 * np.sqrt(L)           # h(hi) < 0: xi <= 2L + theta^2 - ...
     for _ in range(iterations):
-        theta = np.sqrt(np.maximum(koay_xi(theta, L) * (1 + r2) - 2 * L, 0.0))
-    return np.where(floor, 0.0, theta)
+        mid = 0.5 * (lo + hi)
+        above = koay_xi(mid, L) * (1 + r2) - 2 * L - mid ** 2 > 0
+        lo = np.where(above, mid, lo)
+        hi = np.where(above, hi, mid)
+    return np.where(floor, 0.0, 0.5 * (lo + hi))
 
 
 def pooled_repeat_sigma(repeats: np.ndarray, n_coils: int = 1, magnitude: bool = True

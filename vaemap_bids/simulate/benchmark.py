@@ -10,6 +10,15 @@ method through :func:`vaemap_bids.fitting.fit`, and writes to ``--out``:
 - ``scatter_snr-<SNR>.png``: truth against estimate (rows: methods, columns: D and K, coloured by
   cluster, identity line), first seed.
 
+Every method gets the noise level the pipeline would give it: the known sigma = 1/SNR of the
+magnitudes divided by each voxel's noisy measured mean b0 (sigma / S0 of the normalised signal).
+``oracle`` (a ``--methods`` choice, in the default list) is the per-voxel Bayes posterior mean
+and sd under the simulation's true prior and Rician likelihood
+(:mod:`vaemap_bids.simulate.oracle`): the best any voxelwise estimator can do. When it runs,
+every RMSE in ``results.md`` is also shown as a multiple of the oracle's, and every method with a
+std (the oracle included) gets its 95 % coverage (mean +- 1.96 std holds the truth) per
+parameter and cluster.
+
 ``--sweep`` instead trains vaeunig/vaegmm over a grid of latent dimension x KL weight (Fig. 6) and
 writes ``sweep.json``, ``sweep.md`` and ``sweep.png``.
 
@@ -38,6 +47,7 @@ from ..physics.base import make_model
 from .acquisitions import hcp_acquisition
 from .clusters import PAPER_CLUSTERS, simulate_clusters
 from .metrics import POOLED, mean_sd, parameter_metrics
+from .oracle import simulation_sigma
 
 log = logging.getLogger("vaemap.simulate")
 
@@ -52,6 +62,9 @@ MODEL = "msdki"
 #: Parameter labels of the MS-DKI model and the symbols the paper uses for them.
 SYMBOLS = {"msd": "D", "msk": "K"}
 METRICS = ("rmse", "bias", "r")
+#: the Bayes oracle: a row of the benchmark, not an estimator of vaemap
+ORACLE = "oracle"
+SIM_METHODS = METHODS + (ORACLE,)
 DEFAULT_SNRS = (10.0, 20.0, 50.0, 100.0)
 DEFAULT_SEEDS = (0, 1, 2)
 QUICK = {"n_voxels": 300, "snrs": (20.0,), "seeds": (0,), "epochs": 2}
@@ -172,7 +185,7 @@ def shell_note(model) -> str:
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
-def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_voxels=10_000, *,
+def run_benchmark(methods=SIM_METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_voxels=10_000, *,
                   device="auto", config=None, epochs=None, renormalise=True, progress=False,
                   acquisition=None, on_update=None) -> tuple[dict, dict]:
     """Run every (SNR, seed, method) and return ``(results, estimates)``.
@@ -187,7 +200,7 @@ def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_vox
     dev = str(resolve_device(device))
     acq = hcp_acquisition() if acquisition is None else acquisition
     model = make_model(MODEL, acq)
-    options = {m: resolve_options(config, m, epochs) for m in methods}
+    options = {m: resolve_options(config, m, epochs) for m in methods if m != ORACLE}
     param_labels = [p.label for p in model.parameters]
     results = {
         "tool": "vaemap-sim",
@@ -197,6 +210,7 @@ def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_vox
         "configuration": {"model": MODEL, "methods": methods, "snrs": [float(s) for s in snrs],
                           "seeds": [int(s) for s in seeds], "n_voxels": int(n_voxels),
                           "device": dev, "renormalised_by_noisy_b0": bool(renormalise),
+                          "sigma_given": SIGMA_NOTE if renormalise else SIGMA_NOTE_RAW,
                           "clusters": {k: list(v) for k, v in PAPER_CLUSTERS.items()},
                           "options": options},
         "versions": versions(),
@@ -218,10 +232,14 @@ def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_vox
             if seed == seeds[0]:
                 estimates[float(snr)] = {"truth": sim.params, "labels": sim.labels,
                                          "cluster_names": sim.cluster_names, "methods": {}}
+            sigma = simulation_sigma(sim)
             for method in methods:
                 t0 = time.perf_counter()
-                res = fit(model, sim.noisy, method, device=dev, seed=int(seed),
-                          options=options[method], progress=progress)
+                if method == ORACLE:
+                    res = _oracle_result(sim, dev)
+                else:
+                    res = fit(model, sim.noisy, method, device=dev, seed=int(seed),
+                              options=options[method], progress=progress, sigma=sigma)
                 wall = time.perf_counter() - t0
                 metrics = parameter_metrics(res.params, sim.params, sim.labels, param_labels,
                                             sim.cluster_names)
@@ -233,7 +251,11 @@ def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_vox
                        "n_invalid": int(model.invalid_mask(res.params[finite]).sum()),
                        "n_not_finite": int((~finite).sum()),
                        "final_loss": _final(res.history),
+                       "noise": (res.hyperparameters or {}).get("noise"),
                        "metrics": metrics}
+                if res.std is not None:
+                    run["coverage"] = coverage_metrics(res.params, res.std, sim.params,
+                                                       sim.labels, param_labels, sim.cluster_names)
                 results["runs"].append(run)
                 if seed == seeds[0]:
                     estimates[float(snr)]["methods"][method] = res.params
@@ -247,6 +269,50 @@ def run_benchmark(methods=METHODS, snrs=DEFAULT_SNRS, seeds=DEFAULT_SEEDS, n_vox
                     on_update(results)
     results["complete"] = True
     return results, estimates
+
+
+SIGMA_NOTE = ("sigma given to every fit: the known sigma = 1/SNR of the magnitudes divided by "
+              "each voxel's noisy measured mean b0 (sigma / S0 of the normalised signal, what "
+              "the pipeline computes)")
+SIGMA_NOTE_RAW = "sigma given to every fit: the known sigma = 1/SNR (signals not renormalised)"
+
+
+def _oracle_result(sim, device: str):
+    """The oracle as a FitResult-like row (params = posterior mean, std = posterior sd)."""
+    from ..fitting.base import FitResult
+    from .oracle import OracleGrid, oracle_for_simulation
+
+    t0 = time.perf_counter()
+    mean, sd = oracle_for_simulation(sim, device=device)
+    seconds = time.perf_counter() - t0
+    grid = OracleGrid()
+    return FitResult(model=sim.model.name, method=ORACLE, params=mean.astype(np.float32),
+                     valid=np.ones(sim.n_voxels, dtype=bool), std=sd.astype(np.float32),
+                     hyperparameters={"grid": grid.__dict__,
+                                      "noise": {"model": "rician (true)", "sigma": sim.sigma}},
+                     timings={"fit_seconds": seconds,
+                              "voxels_per_second": sim.n_voxels / max(seconds, 1e-12)},
+                     device=str(device))
+
+
+def coverage_metrics(estimate, std, truth, labels, param_names, cluster_names) -> dict:
+    """``{param: {cluster or pooled: fraction of voxels with |estimate - truth| <= 1.96 std}}``
+    over the voxels with a finite estimate and std."""
+    estimate = np.asarray(estimate, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    truth = np.asarray(truth, dtype=np.float64)
+    labels = np.asarray(labels)
+    out = {}
+    for j, name in enumerate(param_names):
+        ok = np.isfinite(estimate[:, j]) & np.isfinite(std[:, j])
+        hit = np.abs(estimate[:, j] - truth[:, j]) <= 1.96 * std[:, j]
+        per = {}
+        for c, cname in enumerate(cluster_names):
+            sel = ok & (labels == c)
+            per[cname] = float(hit[sel].mean()) if sel.any() else float("nan")
+        per[POOLED] = float(hit[ok].mean()) if ok.any() else float("nan")
+        out[name] = per
+    return out
 
 
 def _final(history: dict) -> dict:
@@ -269,6 +335,10 @@ def summarise_runs(runs: list[dict], param_labels) -> dict:
                 entry["metrics"][lab] = {
                     cl: {m: mean_sd([r["metrics"][lab][cl][m] for r in rs]) for m in METRICS}
                     for cl in rs[0]["metrics"][lab]}
+            if all("coverage" in r for r in rs):
+                entry["coverage"] = {lab: {cl: mean_sd([r["coverage"][lab][cl] for r in rs])
+                                           for cl in rs[0]["coverage"][lab]}
+                                     for lab in param_labels}
             out.setdefault(method, {})[snr] = entry
     return out
 
@@ -318,6 +388,7 @@ def results_markdown(results: dict) -> str:
              "Values: mean ± sd over seeds.", "", results["note"], ""]
     if not results.get("complete"):
         lines += ["**Partial results: the run did not finish.**", ""]
+    lines += [cfg.get("sigma_given", SIGMA_NOTE) + ".", ""]
     lines += _rejection_lines(results)
     header_cells = [f"{params[lab]} {cl}" for lab in params for cl in clusters]
     titles = {"rmse": "RMSE", "bias": "Bias (estimate - truth)", "r": "Pearson r"}
@@ -330,10 +401,28 @@ def results_markdown(results: dict) -> str:
             lines += [f"### {titles[metric]}", "",
                       "| method | " + " | ".join(header_cells) + " |",
                       "|---" * (len(header_cells) + 1) + "|"]
+            oracle = summary.get(ORACLE, {}).get(snr)
             for m in present:
                 e = summary[m][snr]["metrics"]
                 cells = [_fmt(e[lab][cl][metric]) for lab in params for cl in clusters]
+                if metric == "rmse" and oracle is not None:
+                    cells = [f"{c} ({_ratio(e[lab][cl]['rmse'], oracle['metrics'][lab][cl]['rmse'])})"
+                             for c, (lab, cl) in zip(cells, [(lab, cl) for lab in params
+                                                             for cl in clusters])]
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+            if metric == "rmse" and oracle is not None:
+                lines += ["In brackets: the RMSE as a multiple of the oracle's (mean over seeds).",
+                          ""]
+        covered = [m for m in present if "coverage" in summary[m][snr]]
+        if covered:
+            lines += ["### 95 % coverage (mean ± 1.96 std holds the truth)", "",
+                      "| method | " + " | ".join(header_cells) + " |",
+                      "|---" * (len(header_cells) + 1) + "|"]
+            for m in covered:
+                cov = summary[m][snr]["coverage"]
+                lines.append(f"| {m} | " + " | ".join(_fmt(cov[lab][cl]) for lab in params
+                                                      for cl in clusters) + " |")
             lines.append("")
         comp = results["comparisons"].get(snr)
         if comp:
@@ -346,6 +435,13 @@ def results_markdown(results: dict) -> str:
                          f"| {_fmt(e['n_at_bound'], 0)} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(ours: dict, oracle: dict) -> str:
+    a, b = ours.get("mean"), oracle.get("mean")
+    if a is None or b is None or not (np.isfinite(a) and np.isfinite(b)) or b <= 0:
+        return "n/a"
+    return f"{a / b:.2f}×"
 
 
 def _rejection_lines(results: dict) -> list[str]:
@@ -635,8 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
         "73 cannot write the output folder, 75 device not available."))
     p.add_argument("--out", type=Path, default=Path("vaemap-sim-results"),
                    help="output folder (created; default: %(default)s)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                   help="estimators to run (default: all four)")
+    p.add_argument("--methods", nargs="+", choices=SIM_METHODS, default=None,
+                   help="estimators to run, and oracle: the Bayes posterior under the true "
+                        "prior and likelihood (default: all four and oracle)")
     p.add_argument("--snr", nargs="+", type=float, default=None,
                    help="SNRs, sigma = 1/SNR on S/S0 (default: 10 20 50 100)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -684,7 +781,7 @@ def _check_args(p, args) -> None:
         args.snr = list(QUICK["snrs"]) if args.snr is None else args.snr
         args.seeds = list(QUICK["seeds"]) if args.seeds is None else args.seeds
         args.epochs = QUICK["epochs"] if args.epochs is None else args.epochs
-    args.methods = args.methods or list(METHODS)
+    args.methods = args.methods or list(SIM_METHODS)
     args.snr = args.snr or (list(DEFAULT_SNRS) if not args.sweep else [20.0])
     args.seeds = args.seeds if args.seeds is not None else (list(DEFAULT_SEEDS) if not args.sweep else [0])
     args.n_voxels = 10_000 if args.n_voxels is None else args.n_voxels
@@ -719,7 +816,8 @@ def main(argv=None) -> int:
             from ..fitting.options import load_config
             config = load_config(args.config)
         for m in (args.methods if not args.sweep else list(args.sweep_methods) + ["ssl"]):
-            resolve_options(config, m, args.epochs)
+            if m != ORACLE:
+                resolve_options(config, m, args.epochs)
         if args.sweep:
             for m in args.sweep_methods:
                 sweep_keys(m)

@@ -59,6 +59,9 @@ class Simulation:
     cluster_weights: np.ndarray
     b_max: float
     rejection: list[dict] = field(default_factory=list)
+    #: the noisy mean b0 each row was divided by (None when not renormalised): the noise of the
+    #: normalised signal of a voxel is sigma / b0_mean
+    b0_mean: np.ndarray | None = None
 
     @property
     def acquisition(self) -> Acquisition:
@@ -190,9 +193,13 @@ def simulate_clusters(acquisition: Acquisition, n_voxels: int = 10_000, snr: flo
         b0 = sig_model.acquisition.b0_mask
         if not b0.any():
             raise ValueError("the model's volumes include no b0 to normalise by")
-        noisy = noisy / noisy[:, b0].mean(axis=1, keepdims=True)
+        b0_mean = noisy[:, b0].mean(axis=1)
+        noisy = noisy / b0_mean[:, None]
+    else:
+        b0_mean = None
     return Simulation(
         model=sig_model, params=params, labels=labels.astype(np.int64), clean=clean, noisy=noisy,
         snr=float(snr), sigma=sigma, seed=int(seed), renormalised=bool(renormalise),
         cluster_names=names, cluster_means=means, cluster_variances=variances,
-        cluster_weights=weights, b_max=float(sig_model.acquisition.bvals.max()), rejection=stats)
+        cluster_weights=weights, b_max=float(sig_model.acquisition.bvals.max()), rejection=stats,
+        b0_mean=b0_mean)
