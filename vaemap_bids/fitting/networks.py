@@ -292,6 +292,13 @@ class VAEUniG(PhysicsNet):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.physics(self.decoder(z))
 
+    def decode_params(self, z: torch.Tensor) -> torch.Tensor:
+        """Only the squashed parameters of z (..., L) (no signal): for posterior moments."""
+        raw = self.decoder(z).float()
+        lead = raw.shape[:-1]
+        n_raw = self.signal_model.n_raw
+        return self.signal_model.squash(raw.reshape(-1, raw.shape[-1])[:, :n_raw]).reshape(*lead, -1)
+
     @staticmethod
     def sample(mu, chol, eps):
         return mu + (chol @ eps.unsqueeze(-1)).squeeze(-1)
@@ -449,13 +456,13 @@ def mixture_moments(net: VAEUniG, weights, mu, chol, nodes, node_weights, block:
     most probable component (no cancellation in float32)."""
     n = mu.shape[0]
     top = weights.argmax(1)
-    ref = net.decode(mu[torch.arange(n, device=mu.device), top])[0]      # (N, P)
+    ref = net.decode_params(mu[torch.arange(n, device=mu.device), top])  # (N, P)
     s1 = torch.zeros_like(ref)
     s2 = torch.zeros_like(ref)
     for start in range(0, nodes.shape[0], block):
         xi, wn = nodes[start:start + block], node_weights[start:start + block]
         z = mu.unsqueeze(0) + torch.einsum("nkij,mj->mnki", chol, xi)      # (m, N, K, L)
-        x = net.decode(z)[0]                                             # (m, N, K, P)
+        x = net.decode_params(z)                                         # (m, N, K, P)
         d = _align_directions(net, x, ref[None, :, None]) - ref[None, :, None]
         w = wn[:, None, None, None] * weights[None, :, :, None]
         s1 += (w * d).sum((0, 2))
