@@ -61,6 +61,8 @@ LOGVAR_RANGE = (-20.0, 10.0)
 #: width (log sigma^2 = 0) buries the decoder in sampling noise, and the early epochs learn only
 #: to shrink every estimate towards the mean.
 LOGVAR_INIT = -6.0
+#: LM steps of the warm-started E-steps of :func:`empirical_bayes_prior` after the first.
+WARM_STEPS = 2
 #: Gauss-Hermite product rules are used up to this latent dimension (beyond: Monte-Carlo).
 MAX_QUADRATURE_DIM = 3
 
@@ -292,6 +294,13 @@ class VAEUniG(PhysicsNet):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.physics(self.decoder(z))
 
+    def decode_params(self, z: torch.Tensor) -> torch.Tensor:
+        """Only the squashed parameters of z (..., L) (no signal): for posterior moments."""
+        raw = self.decoder(z).float()
+        lead = raw.shape[:-1]
+        n_raw = self.signal_model.n_raw
+        return self.signal_model.squash(raw.reshape(-1, raw.shape[-1])[:, :n_raw]).reshape(*lead, -1)
+
     @staticmethod
     def sample(mu, chol, eps):
         return mu + (chol @ eps.unsqueeze(-1)).squeeze(-1)
@@ -449,13 +458,13 @@ def mixture_moments(net: VAEUniG, weights, mu, chol, nodes, node_weights, block:
     most probable component (no cancellation in float32)."""
     n = mu.shape[0]
     top = weights.argmax(1)
-    ref = net.decode(mu[torch.arange(n, device=mu.device), top])[0]      # (N, P)
+    ref = net.decode_params(mu[torch.arange(n, device=mu.device), top])  # (N, P)
     s1 = torch.zeros_like(ref)
     s2 = torch.zeros_like(ref)
     for start in range(0, nodes.shape[0], block):
         xi, wn = nodes[start:start + block], node_weights[start:start + block]
         z = mu.unsqueeze(0) + torch.einsum("nkij,mj->mnki", chol, xi)      # (m, N, K, L)
-        x = net.decode(z)[0]                                             # (m, N, K, P)
+        x = net.decode_params(z)                                         # (m, N, K, P)
         d = _align_directions(net, x, ref[None, :, None]) - ref[None, :, None]
         w = wn[:, None, None, None] * weights[None, :, :, None]
         s1 += (w * d).sum((0, 2))
@@ -582,7 +591,8 @@ def empirical_bayes_prior(net: VAEUniG, data: torch.Tensor, sigma, *, n_iter: in
     (:func:`refine_posterior`): E-step = MAP z_ik, covariance H_ik^-1 and responsibilities
     r_ik from the Laplace evidence; M-step = pi_k = mean r_ik, m_k = weighted mean of z_ik,
     V_k = weighted mean of (z_ik - m_k)(z_ik - m_k)^T + H_ik^-1 (+ ``ridge`` I). Starts from the
-    network's prior and the encoder's means, warm-starts every E-step at the previous MAP.
+    network's prior and the encoder's means with ``n_steps`` LM steps, then warm-starts every
+    E-step at the previous MAP with at most WARM_STEPS steps (the prior moves little per step).
     Returns (log pi (K,), m (K, L), P = V^-1 (K, L, L)); no truth is used."""
     prior = network_prior(net)
     n = data.shape[0]
@@ -592,14 +602,15 @@ def empirical_bayes_prior(net: VAEUniG, data: torch.Tensor, sigma, *, n_iter: in
     z_all = torch.cat(z_all)
     K, L = z_all.shape[1], z_all.shape[2]
     eye = torch.eye(L, device=data.device)
-    for _ in range(int(n_iter)):
+    for it in range(int(n_iter)):
+        steps = n_steps if it == 0 else min(int(n_steps), WARM_STEPS)
         s0 = torch.zeros(K, device=data.device)
         s1 = torch.zeros(K, L, device=data.device)
         s2 = torch.zeros(K, L, L, device=data.device)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             sig = sigma if (not torch.is_tensor(sigma) or sigma.dim() == 0) else sigma[rows]
-            z, chol, log_ev = refine_posterior(net, data[rows], z_all[rows], sig, prior, n_steps)
+            z, chol, log_ev = refine_posterior(net, data[rows], z_all[rows], sig, prior, steps)
             z_all[rows] = z
             r = torch.softmax(log_ev, dim=1)
             s0 += r.sum(0)

@@ -39,6 +39,8 @@ from .options import method_options
 from .subsample import resolve_train_voxels, stratified_subsample
 
 log = logging.getLogger("vaemap.fitting.train")
+#: voxels refined together (memory: K x L x T Jacobian entries per voxel)
+REFINE_CHUNK = 8192
 
 
 # ---- options and schedules -------------------------------------------------------------------
@@ -84,6 +86,7 @@ def check_options(method: str, opts: dict) -> None:
     need("prior_em_iterations", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = off)")
     need("train_voxels", lambda v: v is None or (is_int(v) and v >= 100),
          "null (every voxel) or an integer >= 100")
+    need("prior_em_voxels", lambda v: is_int(v) and v >= 0, "an integer >= 0 (0 = all)")
 
 
 #: ``batch_size: auto`` gives about this many Adam steps per epoch, within AUTO_BATCH_RANGE: small
@@ -251,6 +254,8 @@ def predict(net: PhysicsNet, data: torch.Tensor, *, chunk: int, n_samples: int =
     ``sigma`` (N, 1) is the noise level of every row (None: the network's learnt scalar)."""
     net.eval()
     kwargs = {}
+    if net.is_vae and refine_steps:
+        chunk = min(chunk, REFINE_CHUNK)  # the Jacobians of K components x L directions
     if net.is_vae:
         nodes, weights = posterior_nodes(net.latent_dim, int(n_samples), generator, data.device)
         kwargs = {"nodes": nodes, "node_weights": weights, "refine_steps": int(refine_steps)}
@@ -368,9 +373,15 @@ def fit_network(model: SignalModel, y: np.ndarray, valid: np.ndarray, method: st
         refine = int(opts.get("refine_steps", 0))
         n_em = int(opts.get("prior_em_iterations", 0))
         if net.is_vae and refine and n_em:
+            # the prior has few parameters: a random subset of voxels estimates it as well as
+            # all of them, and bounds the EM's cost on a whole brain
+            n_sub = int(opts.get("prior_em_voxels", 0)) or train_data.shape[0]
+            em_rows = torch.randperm(train_data.shape[0], generator=torch.Generator(
+                device=device).manual_seed(seed + 2), device=device)[:n_sub]
+            sig_em = net.noise_sigma(None if train_sigma is None else train_sigma[em_rows])
             net.refined_prior = empirical_bayes_prior(
-                net, train_data, net.noise_sigma(train_sigma), n_iter=n_em, n_steps=refine,
-                chunk=int(opts["inference_batch_size"]))
+                net, train_data[em_rows], sig_em, n_iter=n_em, n_steps=refine,
+                chunk=min(int(opts["inference_batch_size"]), REFINE_CHUNK))
         sampler = torch.Generator(device=device).manual_seed(seed + 1)
         out = predict(net, data, chunk=int(opts["inference_batch_size"]),
                       n_samples=int(opts.get("n_posterior_samples", 64)), generator=sampler,
