@@ -17,7 +17,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 
 from ..atomic import to_jsonable
 from ..dataset.signals import fit_quality
-from ..fitting.base import METHODS
+from ..fitting.base import METHODS, SPATIAL_METHODS
 from ..physics import Acquisition, make_model
 
 
@@ -82,6 +82,9 @@ class FitModel(SimpleInterface):
             signals = data["signals"]
             acq = Acquisition(data["bvals"], data["bvecs"])
             denoise = str(data["denoise"]) if "denoise" in data.files else "none"
+            # the spatial method reads each row's voxel (the plan's mask) and mean b0
+            spatial = ({"voxel_coords": data["voxel_coords"], "s0": data["s0"]}
+                       if self.inputs.method in SPATIAL_METHODS else {})
         model = make_model(self.inputs.model, acq)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -91,7 +94,7 @@ class FitModel(SimpleInterface):
                         "blas": max([p["num_threads"] for p in threadpool_info()], default=1)}
                 result = fit(model, signals, self.inputs.method, device=self.inputs.device,
                              seed=self.inputs.seed, options=json.loads(self.inputs.options),
-                             progress=self.inputs.progress)
+                             progress=self.inputs.progress, **spatial)
         finally:
             torch.set_num_threads(before)
         quality = fit_quality(model, signals, result.params, result.valid)
