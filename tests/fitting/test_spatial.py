@@ -12,7 +12,7 @@ from vaemap_bids.simulate.phantom import TISSUE_LABELS, TISSUE_PARAMETERS
 from vaemap_bids.simulate.spatial import REGION_LABELS, simulate_spatial
 
 #: Short schedules: the tests check behaviour, the benchmark measures the packaged defaults.
-FAST = {"epochs": 60, "warmup_epochs": 8, "ramp_epochs": 10, "refine_steps": 150,
+FAST = {"epochs": 30, "warmup_epochs": 6, "ramp_epochs": 8, "refine_steps": 100,
         "n_posterior_samples": 8}
 
 
@@ -64,7 +64,7 @@ def test_options_are_checked_and_coordinates_needed():
 @pytest.fixture(scope="module")
 def brain():
     """A small high-SNR structured phantom and its lsq and svae fits."""
-    ph = simulate_spatial("msdki", (14, 16, 12), snr=50.0, seed=1)
+    ph = simulate_spatial("msdki", (12, 14, 10), snr=50.0, seed=1)
     return ph, _fit(ph, "lsq"), _fit(ph, "svae", options=FAST)
 
 
@@ -88,7 +88,7 @@ def test_recovers_the_truth_at_high_snr(brain):
 def test_keeps_a_sharp_boundary():
     """Piecewise-constant WM | GM slab: the edge error of svae against lsq's, and the two
     layers next to the boundary keep their own tissue's value."""
-    ph = simulate_spatial("msdki", (14, 12, 10), layout="slab", snr=20.0, seed=2,
+    ph = simulate_spatial("msdki", (12, 10, 8), layout="slab", snr=20.0, seed=2,
                           field=0.0, texture=0.0)
     lsq, svae = _fit(ph, "lsq"), _fit(ph, "svae", options=FAST)
     truth = ph.params()
@@ -111,11 +111,35 @@ def test_keeps_a_sharp_boundary():
 
 
 def test_deterministic():
-    ph = simulate_spatial("ballstick", (10, 10, 8), snr=30.0, seed=3)
-    quick = {**FAST, "epochs": 15, "refine_steps": 20, "n_posterior_samples": 4}
+    ph = simulate_spatial("ballstick", (8, 9, 8), snr=30.0, seed=3)
+    quick = {**FAST, "epochs": 12, "refine_steps": 15, "n_posterior_samples": 4}
     a, b = _fit(ph, "svae", seed=4, options=quick), _fit(ph, "svae", seed=4, options=quick)
     np.testing.assert_array_equal(a.params, b.params)
     np.testing.assert_array_equal(a.std, b.std)
     np.testing.assert_array_equal(a.responsibilities, b.responsibilities)
     dirs = a.params[:, 3:6]
     np.testing.assert_allclose(np.linalg.norm(dirs, axis=1), 1.0, atol=1e-5)
+
+
+def test_fit_node_passes_the_rows_voxels(tmp_path):
+    """FitModel reads voxel_coords and s0 from the signals file for svae (fit() without them
+    raises)."""
+    import json
+
+    from vaemap_bids.interfaces.fitting import FitModel
+
+    ph = simulate_spatial("msdki", (8, 9, 8), snr=30.0, seed=5)
+    y, s0, valid = normalise_by_b0(ph.signal[ph.mask], ph.acquisition)
+    signals = tmp_path / "signals.npz"
+    np.savez(signals, signals=y, s0=s0, valid=valid, bvals=ph.acquisition.bvals,
+             bvecs=ph.acquisition.bvecs, denoise=np.array("none"),
+             voxel_coords=ph.voxel_coords().astype(np.int32))
+    opts = {**FAST, "epochs": 8, "refine_steps": 10, "n_posterior_samples": 2}
+    node = FitModel(signals_file=str(signals), model="msdki", method="svae",
+                    options=json.dumps(opts), device="cpu")
+    res = node.run(cwd=str(tmp_path))
+    with np.load(res.outputs.fit_file) as fit_out:
+        assert fit_out["params"].shape == (ph.mask.sum(), 2)
+        assert fit_out["responsibilities"].shape[1] == 3 and "std" in fit_out.files
+    record = json.loads(open(res.outputs.record_file).read())
+    assert record["method"] == "svae" and record["hyperparameters"]["n_neighbours"] == 26

@@ -500,14 +500,12 @@ class _Posterior(nn.Module):
                     best = logits[rows].argmax(dim=1)
                     pick = torch.arange(len(rows), device=r.device)
                     own = mu[rows][pick, best]                                  # (B, L)
-                    alt = torch.cat([start_raw[rows], own[:, -1:]], dim=1)
+                    # least squares of S/S0 has S0 = the voxel's own mean b0
+                    alt = torch.cat([start_raw[rows], data.log_s0[rows][:, None]], dim=1)
                     nll = [negative_log_likelihood(r, net.decode(z)[1], sigma).sum(dim=1)
                            for z in (own, alt)]
                     use = (nll[1] < nll[0])[:, None, None]
-                    block = mu[rows]
-                    block[..., :net.n_raw] = torch.where(use, start_raw[rows][:, None, :],
-                                                         block[..., :net.n_raw])
-                    mu[rows] = block
+                    mu[rows] = torch.where(use, alt[:, None, :].expand_as(mu[rows]), mu[rows])
             net.memory_mu.copy_(mu)
             net.memory_q.copy_(F.softmax(logits, dim=1))
             _set_bandwidth(net, mu[torch.arange(len(mu), device=mu.device),
@@ -554,6 +552,14 @@ def refine_posterior(net: SpatialVAE, data: _Data, opts: dict, *, generator: tor
                                    "lr": lr}, {"params": prior_params, "lr": 0.1 * lr}])
     start_lrs = [g["lr"] for g in optimiser.param_groups]
     n = data.y.shape[0]
+    with torch.no_grad():   # the prior's means and scales as the starting q implies them
+        for _ in range(3):
+            sums = None
+            for start in range(0, n, chunk):
+                rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
+                terms = net.m_step_terms(post(net, rows, data.nbr[rows]))
+                sums = terms if sums is None else tuple(a + b for a, b in zip(sums, terms))
+            net.m_step(sums)
     beta = float(opts["beta"])
     for step in range(steps):
         frac = step / max(1, steps - 1)
