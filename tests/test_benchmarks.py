@@ -29,3 +29,23 @@ def test_hcp_scale_benchmark_runs_at_a_tiny_size(tmp_path):
     assert {"prepare_series", "fit_msdki_lsq", "fit_msdki_ssl"} <= nodes
     assert all(row["wall_s"] >= 0 and row["peak_rss_gb"] > 0 for row in report["nodes"])
     assert not (tmp_path / "run").exists()                # generated on the fly, then removed
+
+
+def test_spatial_benchmark_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "spatial.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_spatial.py"), "--models", "msdki", "--snr", "20",
+         "--shape", "10", "11", "9", "--epochs", "3", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (case,) = report["cases"]
+    assert set(case["methods"]) == {"lsq", "mppca+lsq", "patch2self+lsq", "vaegmm", "svae"}
+    for method, res in case["methods"].items():
+        wm = res["metrics"]["msd"]["WM"]
+        assert res["seconds"] > 0 and wm["all"]["rmse"] > 0 and wm["all"]["n"] > 0, method
+        assert ("coverage" in wm["all"]) == (method in ("vaegmm", "svae")), method
+    assert set(case["targets"]["msd WM"]) == {"svae/lsq", "svae/best_denoise", "edge svae/lsq",
+                                              "svae coverage"}
+    assert "time svae/vaegmm" in case["targets"]
+    assert "| svae |" in out.with_suffix(".md").read_text()
