@@ -45,3 +45,21 @@ def test_training_roofline_benchmark_counts_the_trainers_work(tmp_path):
     # backward, are some 10^5-10^6 FLOP per voxel and epoch
     assert 1e5 < run["flop_per_voxel_epoch"] < 1e7
     assert 0 < run["fraction_of_peak"] < 1.5
+def test_spatial_benchmark_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "spatial.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_spatial.py"), "--models", "msdki", "--snr", "20",
+         "--shape", "10", "11", "9", "--epochs", "3", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (case,) = report["cases"]
+    assert set(case["methods"]) == {"lsq", "mppca+lsq", "patch2self+lsq", "vaegmm", "svae"}
+    for method, res in case["methods"].items():
+        wm = res["metrics"]["msd"]["WM"]
+        assert res["seconds"] > 0 and wm["all"]["rmse"] > 0 and wm["all"]["n"] > 0, method
+        assert ("coverage" in wm["all"]) == (method in ("vaegmm", "svae")), method
+    assert set(case["targets"]["msd WM"]) == {"svae/lsq", "svae/best_denoise", "edge svae/lsq",
+                                              "svae coverage"}
+    assert "time svae/vaegmm" in case["targets"]
+    assert "| svae |" in out.with_suffix(".md").read_text()

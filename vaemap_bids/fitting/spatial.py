@@ -90,6 +90,11 @@ def check_options(opts: dict) -> None:
     need("refresh_passes", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
          "an integer >= 1")
     need("beta", lambda v: is_num(v) and v >= 0, "a number >= 0 (1 = the ELBO)")
+    need("refine_steps", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+         "an integer >= 0")
+    need("refine_lr", lambda v: is_num(v) and v > 0, "a number > 0")
+    need("prior_dof", lambda v: is_num(v) and v > 0, "a number > 0")
+    need("refine_start", lambda v: v in ("lsq", "encoder"), "'lsq' or 'encoder'")
 
 
 # ---- neighbourhoods --------------------------------------------------------------------------
@@ -131,7 +136,8 @@ class SpatialVAE(nn.Module):
 
     def __init__(self, model: SignalModel, n_voxels: int, n_neighbours: int, *,
                  hidden_width: int, n_hidden: int, activation: str, n_components: int,
-                 pseudocount: float, sigma_init: float, learn_sigma: bool):
+                 pseudocount: float, sigma_init: float, learn_sigma: bool,
+                 prior_dof: float = 4.0):
         super().__init__()
         self.signal_model = model
         self.n_raw = model.n_raw
@@ -139,6 +145,7 @@ class SpatialVAE(nn.Module):
         self.n_components = k = int(n_components)
         self.n_neighbours = int(n_neighbours)
         self.pseudocount = float(pseudocount)
+        self.prior_dof = float(prior_dof)
         lat = self.latent_dim
         t = model.n_measurements
         self.trunk = mlp(t + 2 + k, hidden_width, n_hidden, None, activation)
@@ -147,9 +154,13 @@ class SpatialVAE(nn.Module):
         with torch.no_grad():
             self.head_z.weight.mul_(0.1)
             self.head_z.bias[lat:].fill_(-6.0)      # start near a deterministic autoencoder
-        self.prior_mean = nn.Parameter(torch.zeros(k, lat))
-        self.prior_logvar = nn.Parameter(torch.zeros(k, lat))
+        # set by closed-form M-steps (variational EM), not by gradients
+        self.register_buffer("prior_mean", torch.zeros(k, lat))
+        self.register_buffer("prior_logvar", torch.zeros(k, lat))
         self.mix_logit = nn.Parameter(torch.zeros(()))
+        # edge-aware borrowing: a neighbour's weight falls with its distance to the voxel in the
+        # latent space, on a learnt scale per latent dimension (set at the end of the warm-up)
+        self.log_bandwidth = nn.Parameter(torch.zeros(lat))
         log_sigma = torch.tensor(math.log(sigma_init))
         if learn_sigma:
             self.log_sigma = nn.Parameter(log_sigma)
@@ -180,8 +191,11 @@ class SpatialVAE(nn.Module):
             for sl in self.dir_slices:
                 dot = (mu_nb[..., sl] * own[:, None, :, sl]).sum(dim=-1, keepdim=True)
                 mu_nb[..., sl] = torch.where(dot < 0, -mu_nb[..., sl], mu_nb[..., sl])
-        weight_sum = q_nb.sum(dim=1)                                  # (B, K)
-        local = ((q_nb[..., None] * mu_nb).sum(dim=1) + self.pseudocount * self.prior_mean) \
+        own = self.memory_mu[rows]                                    # (B, K, L)
+        d2 = (((mu_nb - own[:, None]) * torch.exp(-self.log_bandwidth)) ** 2).sum(dim=3)
+        w = q_nb * torch.exp(-0.5 * d2)                               # (B, n, K)
+        weight_sum = w.sum(dim=1)                                     # (B, K)
+        local = ((w[..., None] * mu_nb).sum(dim=1) + self.pseudocount * self.prior_mean) \
             / (weight_sum + self.pseudocount)[..., None]
         return {"pi": pi, "mean_q": mean_q, "count": count / max(1, self.n_neighbours),
                 "prior_mu": local, "borrowed": weight_sum}
@@ -219,16 +233,52 @@ class SpatialVAE(nn.Module):
         _, pred = self.decode(z)
         nll = negative_log_likelihood(r[:, None, :], pred, sigma).sum(dim=2)      # (B, K)
         b, k, lat = enc["mu"].shape
-        kl_z = gaussian_kl(enc["mu"].reshape(b * k, lat), enc["logvar"].reshape(b * k, lat),
-                           enc["prior_mu"].reshape(b * k, lat),
-                           self.prior_logvars().expand(b, k, lat).reshape(b * k, lat)
-                           ).reshape(b, k)
+        if "chol" in enc:
+            # full-covariance q against the Student-t prior (heavy tails: a voxel unlike its
+            # neighbours, at a boundary, is not pulled to them): -H(q) - log p(z), one draw
+            nu = self.prior_dof
+            log_s = 0.5 * self.prior_logvars()                                     # (K, L)
+            t = (z - enc["prior_mu"]) * torch.exp(-log_s)
+            log_p = (math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi)
+                     - log_s - 0.5 * (nu + 1) * torch.log1p(t ** 2 / nu)).sum(dim=2)
+            entropy = 0.5 * lat * (1 + math.log(2 * math.pi)) \
+                + torch.log(torch.diagonal(enc["chol"], dim1=2, dim2=3)).sum(dim=2)
+            kl_z = -entropy - log_p
+        else:
+            kl_z = gaussian_kl(enc["mu"].reshape(b * k, lat), enc["logvar"].reshape(b * k, lat),
+                               enc["prior_mu"].reshape(b * k, lat),
+                               self.prior_logvars().expand(b, k, lat).reshape(b * k, lat)
+                               ).reshape(b, k)
         log_q = F.log_softmax(enc["logits"], dim=1)
         q = log_q.exp()
         kl_y = (q * (log_q - torch.log(enc["pi"].clamp_min(1e-12)))).sum(dim=1)
         recon = (q * nll).sum(dim=1).mean()
         kl = ((q * kl_z).sum(dim=1) + kl_y).mean()
         return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+    @torch.no_grad()
+    def m_step_terms(self, enc: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sums over a batch for the M-step: sum q, sum q mu, sum q w E[(z - m)^2] per component
+        and latent dimension (w = 1 for the Gaussian prior, the EM weight of the Student-t
+        prior's scale with the refined q)."""
+        q = F.softmax(enc["logits"].detach(), dim=1)
+        var = ((enc["chol"].detach() ** 2).sum(dim=3) if "chol" in enc
+               else torch.exp(enc["logvar"].detach()))
+        sq = (enc["mu"].detach() - enc["prior_mu"].detach()) ** 2 + var
+        if "chol" in enc:
+            nu = self.prior_dof
+            sq = sq * (nu + 1) / (nu + sq * torch.exp(-self.prior_logvars()))
+        return q.sum(dim=0), (q[..., None] * enc["mu"].detach()).sum(dim=0), \
+            (q[..., None] * sq).sum(dim=0)
+
+    @torch.no_grad()
+    def m_step(self, sums) -> None:
+        """The prior's component means and variances that maximise the ELBO given q."""
+        n_k, s_mu, s_sq = sums
+        has = n_k > 1e-3
+        denom = n_k.clamp_min(1e-3)[:, None]
+        self.prior_mean[has] = (s_mu / denom)[has]
+        self.prior_logvar[has] = torch.log((s_sq / denom).clamp_min(1e-6))[has]
 
     @torch.no_grad()
     def remember(self, rows, enc) -> None:
@@ -275,18 +325,28 @@ def _beta(epoch: int, opts: dict) -> float:
 
 
 @torch.no_grad()
-def _refresh(net: SpatialVAE, data: _Data, chunk: int, passes: int = 1) -> None:
-    """Recompute every voxel's memory with the current encoder (deterministic)."""
+def _refresh(net: SpatialVAE, data: _Data, chunk: int, passes: int = 1,
+             m_step: bool = False) -> None:
+    """Recompute every voxel's memory with the current encoder (deterministic), and with
+    ``m_step`` then set the prior's component means and variances from it."""
     n = data.y.shape[0]
     for _ in range(passes):
+        sums = None
         for start in range(0, n, chunk):
             rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
             y, ls0, _, nbr = data.batch(rows)
-            net.remember(rows, net.encode(y, ls0, rows, nbr))
+            enc = net.encode(y, ls0, rows, nbr)
+            net.remember(rows, enc)
+            if m_step:
+                terms = net.m_step_terms(enc)
+                sums = terms if sums is None else tuple(a + b for a, b in zip(sums, terms))
+        if m_step:
+            net.m_step(sums)
 
 
 @torch.no_grad()
-def _init_components(net: SpatialVAE, generator: torch.Generator, iters: int = 25) -> None:
+def _init_components(net: SpatialVAE, generator: torch.Generator, iters: int = 25,
+                     nbr: torch.Tensor | None = None) -> None:
     """k-means of the memory's latent means (standardised), started from quantiles along their
     first principal axis (deterministic): component means, variances and the memory's
     responsibilities (hard), so that neighbours agree on which component is which."""
@@ -316,6 +376,19 @@ def _init_components(net: SpatialVAE, generator: torch.Generator, iters: int = 2
             net.prior_mean[j] = cent[j] * scale + centre
     net.memory_q.copy_(F.one_hot(label, k).to(q.dtype))
     net.memory_mu.copy_(mu[:, None, :].expand_as(net.memory_mu))
+    if nbr is not None:
+        _set_bandwidth(net, mu, nbr)
+
+
+@torch.no_grad()
+def _set_bandwidth(net: SpatialVAE, mu: torch.Tensor, nbr: torch.Tensor) -> None:
+    """The borrowing bandwidth's starting value: 3 x the median absolute difference of the
+    latent means ``mu`` (N, L) between neighbours (then learnt)."""
+    ok = nbr >= 0
+    if not ok.any():
+        return
+    diff = (mu[:, None, :] - mu[nbr.clamp_min(0)]).abs()[ok]           # (pairs, L)
+    net.log_bandwidth.copy_(torch.log(3.0 * diff.median(dim=0).values.clamp_min(1e-3)))
 
 
 def train_svae(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Generator) -> dict:
@@ -337,8 +410,12 @@ def train_svae(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Gen
     for epoch in range(int(opts["epochs"])):
         if epoch == warm:
             _refresh(net, data, chunk)
-            _init_components(net, generator)
+            _init_components(net, generator, nbr=data.nbr)
         beta = _beta(epoch, opts)
+        if epoch > warm:
+            net.eval()
+            _refresh(net, data, chunk, m_step=True)
+            net.train()
         order = train_idx[torch.randperm(n_train, generator=generator, device=device)]
         sums = torch.zeros(3, device=device)
         for start in range(0, n_train, batch):
@@ -372,8 +449,8 @@ def train_svae(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Gen
             net.train()
         for key, value in (("loss", loss), ("recon", recon), ("kl", kl), ("beta", beta),
                            ("val_loss", val), ("lr", optimiser.param_groups[0]["lr"]),
-                           ("sigma", float(torch.exp(net.log_sigma))),
-                           ("borrow", float(torch.sigmoid(net.mix_logit)))):
+                           ("sigma", float(torch.exp(net.log_sigma.detach()))),
+                           ("borrow", float(torch.sigmoid(net.mix_logit.detach())))):
             history[key].append(value)
         if epoch < settled:
             continue
@@ -396,26 +473,138 @@ def train_svae(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Gen
             "n_train": n_train, "n_validation": int(val_idx.numel()), "batch_size": batch}
 
 
+class _Posterior(nn.Module):
+    """Per-voxel variational parameters of q(y) and q(z | y) (semi-amortised inference: they
+    start at the encoder's output and are refined on the ELBO)."""
+
+    def __init__(self, net: SpatialVAE, data: _Data, chunk: int,
+                 start_raw: torch.Tensor | None = None):
+        super().__init__()
+        n = data.y.shape[0]
+        mu = torch.empty_like(net.memory_mu)
+        logvar = torch.empty_like(net.memory_mu)
+        logits = torch.empty_like(net.memory_q)
+        with torch.no_grad():
+            for start in range(0, n, chunk):
+                rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
+                y, ls0, _, nbr = data.batch(rows)
+                enc = net.encode(y, ls0, rows, nbr)
+                mu[rows], logvar[rows], logits[rows] = enc["mu"], enc["logvar"], enc["logits"]
+            if start_raw is not None:
+                # each voxel starts at whichever fits its own signal better (Rician NLL): the
+                # least-squares fit (in every component) or the encoder's output
+                sigma = torch.exp(net.log_sigma)
+                for start in range(0, n, chunk):
+                    rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
+                    r = data.r[rows]
+                    best = logits[rows].argmax(dim=1)
+                    pick = torch.arange(len(rows), device=r.device)
+                    own = mu[rows][pick, best]                                  # (B, L)
+                    # least squares of S/S0 has S0 = the voxel's own mean b0
+                    alt = torch.cat([start_raw[rows], data.log_s0[rows][:, None]], dim=1)
+                    nll = [negative_log_likelihood(r, net.decode(z)[1], sigma).sum(dim=1)
+                           for z in (own, alt)]
+                    use = (nll[1] < nll[0])[:, None, None]
+                    mu[rows] = torch.where(use, alt[:, None, :].expand_as(mu[rows]), mu[rows])
+            net.memory_mu.copy_(mu)
+            net.memory_q.copy_(F.softmax(logits, dim=1))
+            _set_bandwidth(net, mu[torch.arange(len(mu), device=mu.device),
+                                   logits.argmax(dim=1)], data.nbr)
+        self.mu = nn.Parameter(mu)
+        self.logvar = nn.Parameter(logvar)
+        self.logits = nn.Parameter(logits)
+        lat = mu.shape[2]
+        # the strictly lower triangle of each q(z | y)'s Cholesky factor: the parameters and S0
+        # are correlated in the likelihood, and a diagonal q would understate their sd
+        self.offdiag = nn.Parameter(torch.zeros(*mu.shape, lat, device=mu.device))
+        self.register_buffer("lower", torch.tril(torch.ones(lat, lat, device=mu.device), -1))
+
+    def __call__(self, net: SpatialVAE, rows, nbr) -> dict:
+        pri = net.neighbour_priors(rows, nbr)
+        logvar = self.logvar[rows].clamp(*LOGVAR_RANGE)
+        chol = torch.diag_embed(torch.exp(0.5 * logvar)) + self.offdiag[rows] * self.lower
+        return {"logits": self.logits[rows], "mu": self.mu[rows], "logvar": logvar,
+                "chol": chol, **pri}
+
+    @staticmethod
+    def sample(enc: dict, generator) -> torch.Tensor:
+        eps = _normal(enc["mu"].shape, enc["mu"], generator)
+        return enc["mu"] + (enc["chol"] @ eps[..., None])[..., 0]
+
+
+def refine_posterior(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Generator,
+                     start_raw: torch.Tensor | None = None) -> tuple[_Posterior, list[float]]:
+    """``refine_steps`` Adam steps on every voxel's own q (and the prior's parameters) against
+    the full ELBO (beta = ``beta``), full batch in chunks, one draw of z per step, the step size
+    decaying linearly to 5 %. Each step's q is the memory the next step's priors read, so the
+    spatial prior and the posteriors are updated together (a variational EM)."""
+    chunk = int(opts["inference_batch_size"])
+    post = _Posterior(net, data, chunk, start_raw)
+    steps = int(opts["refine_steps"])
+    losses: list[float] = []
+    if steps == 0:
+        return post, losses
+    lr = float(opts["refine_lr"])
+    prior_params = [net.mix_logit]
+    if isinstance(net.log_sigma, nn.Parameter):
+        prior_params.append(net.log_sigma)
+    optimiser = torch.optim.Adam([{"params": list(post.parameters()) + [net.log_bandwidth],
+                                   "lr": lr}, {"params": prior_params, "lr": 0.1 * lr}])
+    start_lrs = [g["lr"] for g in optimiser.param_groups]
+    n = data.y.shape[0]
+    with torch.no_grad():   # the prior's means and scales as the starting q implies them
+        for _ in range(3):
+            sums = None
+            for start in range(0, n, chunk):
+                rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
+                terms = net.m_step_terms(post(net, rows, data.nbr[rows]))
+                sums = terms if sums is None else tuple(a + b for a, b in zip(sums, terms))
+            net.m_step(sums)
+    beta = float(opts["beta"])
+    for step in range(steps):
+        frac = step / max(1, steps - 1)
+        for group, base in zip(optimiser.param_groups, start_lrs):
+            group["lr"] = base * (1.0 - 0.95 * frac)
+        optimiser.zero_grad(set_to_none=True)
+        total, sums = 0.0, None
+        for start in range(0, n, chunk):
+            rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
+            _, _, r, nbr = data.batch(rows)
+            enc = post(net, rows, nbr)
+            z = post.sample(enc, generator)
+            loss = net.loss(r, enc, z, beta)["loss"] * (len(rows) / n)
+            loss.backward()
+            total += float(loss.detach())
+            terms = net.m_step_terms(enc)
+            sums = terms if sums is None else tuple(a + b for a, b in zip(sums, terms))
+        optimiser.step()
+        net.m_step(sums)
+        with torch.no_grad():
+            net.memory_mu.copy_(post.mu)
+            net.memory_q.copy_(F.softmax(post.logits, dim=1))
+        losses.append(total)
+    return post, losses
+
+
 @torch.no_grad()
-def predict_svae(net: SpatialVAE, data: _Data, *, chunk: int, n_samples: int,
+def predict_svae(net: SpatialVAE, data: _Data, post: _Posterior, *, chunk: int, n_samples: int,
                  generator: torch.Generator) -> dict[str, np.ndarray]:
-    """Posterior means, sd, responsibilities and latent means of every row (see the module
-    docstring)."""
+    """Posterior means, sd, responsibilities and latent means of every row from the refined q
+    (see the module docstring)."""
     net.eval()
     model = net.signal_model
     n = data.y.shape[0]
     parts: dict[str, list] = {}
     for start in range(0, n, chunk):
         rows = torch.arange(start, min(n, start + chunk), device=data.y.device)
-        y, ls0, _, nbr = data.batch(rows)
-        enc = net.encode(y, ls0, rows, nbr)
+        _, _, _, nbr = data.batch(rows)
+        enc = post(net, rows, nbr)
         q = F.softmax(enc["logits"].float(), dim=1)                   # (B, K)
         best = q.argmax(dim=1)
         pick = torch.arange(len(rows), device=q.device)
         mode_params, _ = net.decode(enc["mu"][pick, best])             # (B, P)
         if n_samples >= 2:
-            sd = torch.exp(0.5 * enc["logvar"])
-            draws = torch.stack([net.decode(enc["mu"] + sd * _normal(sd.shape, sd, generator))[0]
+            draws = torch.stack([net.decode(post.sample(enc, generator))[0]
                                  for _ in range(n_samples)])           # (M, B, K, P)
             comp_mean = draws.mean(dim=0)                              # (B, K, P)
             comp_var = draws.var(dim=0)
@@ -429,7 +618,8 @@ def predict_svae(net: SpatialVAE, data: _Data, *, chunk: int, n_samples: int,
             mean[:, sl] = mode_params[:, sl]
             if std is not None:
                 std[:, sl] = float("nan")
-        out = {"params": mean, "responsibilities": q, "latent_mean": enc["mu"][pick, best]}
+        out = {"params": mean, "responsibilities": q, "latent_mean": enc["mu"][pick, best],
+               "borrowed": enc["borrowed"][pick, best]}
         if std is not None:
             out["std"] = std
         for key, value in out.items():
@@ -478,23 +668,39 @@ def fit_svae(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, voxel_coor
                          n_hidden=int(opts["n_hidden_layers"]), activation=opts["activation"],
                          n_components=int(opts["n_components"]),
                          pseudocount=float(opts["prior_pseudocount"]), sigma_init=sigma_init,
-                         learn_sigma=opts["sigma"] == "auto").to(device)
+                         learn_sigma=opts["sigma"] == "auto",
+                         prior_dof=float(opts["prior_dof"])).to(device)
         info = train_svae(net, data, opts, generator=generator)
+        hist = info["history"]
         _refresh(net, data, int(opts["inference_batch_size"]), int(opts["refresh_passes"]))
         t1 = time.perf_counter()
+        start_raw = None
+        if opts["refine_start"] == "lsq":
+            from .lsq import solve_lsq
+            lsq_opts = method_options("lsq", None, model.name)
+            keys = ("max_iter", "tolerance", "n_starts", "batch_size", "dtype", "grid_dpar",
+                    "grid_diso")
+            start = solve_lsq(model, y, device=device, seed=seed,
+                              **{k: lsq_opts[k] for k in keys if k in lsq_opts})
+            start_raw = torch.as_tensor(model.unsquash(start), dtype=torch.float32,
+                                        device=device)
+        post, refine_losses = refine_posterior(net, data, opts, generator=generator,
+                                               start_raw=start_raw)
+        hist["refine_loss"] = refine_losses
         sampler = torch.Generator(device=device).manual_seed(seed + 1)
-        out = predict_svae(net, data, chunk=int(opts["inference_batch_size"]),
+        out = predict_svae(net, data, post, chunk=int(opts["inference_batch_size"]),
                            n_samples=int(opts["n_posterior_samples"]), generator=sampler)
     t2 = time.perf_counter()
-    hist = info["history"]
     hyper = dict(opts)
     hyper.update(hidden_width=width, latent_dim=net.latent_dim, best_epoch=info["best_epoch"],
                  epochs_run=info["epochs_run"], n_train=info["n_train"],
                  n_validation=info["n_validation"], batch_size_used=info["batch_size"],
-                 sigma_used=float(torch.exp(net.log_sigma)) * data.scale,
-                 borrow_weight=float(torch.sigmoid(net.mix_logit)),
-                 prior_sd=torch.exp(0.5 * net.prior_logvars()).cpu().numpy().round(4).tolist(),
+                 sigma_used=float(torch.exp(net.log_sigma.detach())) * data.scale,
+                 borrow_weight=float(torch.sigmoid(net.mix_logit.detach())),
+                 prior_sd=torch.exp(0.5 * net.prior_logvars()).detach().cpu().numpy().round(4).tolist(),
                  n_neighbours=int(nbr.shape[1]),
+                 bandwidth=torch.exp(net.log_bandwidth.detach()).cpu().numpy().round(4).tolist(),
+                 neighbour_weight_median=float(np.median(out.pop("borrowed"))),
                  isolated_voxels=int((nbr < 0).all(axis=1).sum()))
     log.info("%s/svae: %d epochs (best %d) on %s in %.1f s; sigma %.4g", model.name,
              info["epochs_run"], info["best_epoch"], device, t2 - t0, hyper["sigma_used"])

@@ -17,7 +17,7 @@ from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterfac
 
 from ..atomic import to_jsonable
 from ..dataset.signals import fit_quality
-from ..fitting.base import METHODS
+from ..fitting.base import METHODS, SPATIAL_METHODS
 from ..physics import Acquisition, make_model
 
 
@@ -85,6 +85,9 @@ class FitModel(SimpleInterface):
             series_noise = json.loads(str(data["noise"])) if "noise" in data.files else None
             acq = Acquisition(data["bvals"], data["bvecs"])
             denoise = str(data["denoise"]) if "denoise" in data.files else "none"
+            # the spatial method reads each row's voxel (the plan's mask) and mean b0
+            spatial = ({"voxel_coords": data["voxel_coords"], "s0": data["s0"]}
+                       if self.inputs.method in SPATIAL_METHODS else {})
         model = make_model(self.inputs.model, acq)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -94,7 +97,7 @@ class FitModel(SimpleInterface):
                         "blas": max([p["num_threads"] for p in threadpool_info()], default=1)}
                 result = fit(model, signals, self.inputs.method, device=self.inputs.device,
                              seed=self.inputs.seed, options=json.loads(self.inputs.options),
-                             progress=self.inputs.progress, sigma=sigma)
+                             progress=self.inputs.progress, sigma=sigma, **spatial)
                 if series_noise is not None:
                     result.hyperparameters.setdefault("noise", {})["series_estimate"] = series_noise
                 # the std's coverage on voxels simulated like this series (report: calibration)

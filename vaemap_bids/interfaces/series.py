@@ -37,8 +37,9 @@ class _PrepareSeriesOutputSpec(TraitedSpec):
     mask_file = File(exists=True, desc="the brain mask used (uint8, DWI grid and header)")
     signals_file = File(exists=True, desc="npz: signals (N, T) S/S0 of the mask's voxels (NaN "
                                           "rows excluded), s0 (N,), valid (N,), bvals (ms/um^2), "
-                                          "bvecs (T, 3, .bvec frame), sigma (N,) sigma/S0 "
-                                          "when the series has an estimate, noise (JSON)")
+                                          "bvecs (T, 3, .bvec frame), voxel_coords (N, 3): the "
+                                          "voxel indices of the rows, denoise, sigma (N,) "
+                                          "sigma/S0 when the series has an estimate, noise (JSON)")
     mask_info = traits.Dict(desc="mask source, voxel counts, excluded voxels, noise estimate")
 
 
@@ -64,7 +65,8 @@ class PrepareSeries(SimpleInterface):
         np.savez(signals_file, signals=prepared.signals, s0=prepared.s0, valid=prepared.valid,
                  bvals=prepared.acquisition.bvals, bvecs=prepared.acquisition.bvecs,
                  noise=json.dumps(prepared.noise),
-                 denoise=np.array(self.inputs.denoise_info.get("method", "none")), **sigma)
+                 denoise=np.array(self.inputs.denoise_info.get("method", "none")),
+                 voxel_coords=np.argwhere(prepared.mask).astype(np.int32), **sigma)
         n = int(prepared.mask.sum())
         self._results.update(mask_file=mask_file, signals_file=signals_file, mask_info={
             "source": prepared.mask_source, "n_voxels": n,
