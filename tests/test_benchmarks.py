@@ -63,3 +63,20 @@ def test_spatial_benchmark_runs_at_a_tiny_size(tmp_path):
                                               "svae coverage"}
     assert "time svae/vaegmm" in case["targets"]
     assert "| svae |" in out.with_suffix(".md").read_text()
+@pytest.mark.slow
+def test_qsm_benchmark_runs_at_a_tiny_size(tmp_path):
+    out = tmp_path / "qsm.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_qsm.py"), "--shape", "24", "28", "22",
+         "--voxel-mm", "6", "--methods", "tkd", "tv", "--oblique-deg", "15", "--threads", "1",
+         "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    for case in ("axial", "oblique"):
+        rows = report[case]["estimated_field"]
+        assert set(rows) == {"tkd", "tv"}
+        for row in rows.values():
+            assert {"rmse", "nrmse", "hfen", "ssim", "slope", "seconds",
+                    "nucleus_error_ppm"} <= set(row)
+            assert 0 < row["nrmse"] < 5
+    assert set(report["axial"]["true_field"]) == {"tkd", "tv"}
