@@ -70,7 +70,7 @@ def expected_manifest() -> set[str]:
             pre = f"sub-01_model-{model}_desc-{method}"
             for param in PARAMS[model]:
                 nifti(f"{pre}_param-{param}_dwimap")
-                if method.startswith("vae") and param != "dir":
+                if (method.startswith("vae") or method == "lsq") and param != "dir":
                     nifti(f"{pre}_param-{param}_stat-std_dwimap")
             nifti(f"{pre}_stat-nrmse_dwimap")
             names.add(f"{log}/{pre}_fit.json")
