@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from lxml import html as lxml_html
 
-from vaemap_bids.atomic import TEMP_SUFFIX
 from vaemap_bids import naming
+from vaemap_bids.atomic import TEMP_SUFFIX
+from vaemap_bids.fitting.base import ESTIMATORS
 from vaemap_bids.outputs.table import output
 from vaemap_bids.reports import metrics
 from vaemap_bids.reports.collect import load_canonical
@@ -152,7 +153,7 @@ def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 
             name = output("param", entities, model="msdki", method=method, param=p).name
             _save(dwi / name, v)
             rel[p] = f"{naming.subject_dir(entities)}/dwi/{name}"
-            if method.startswith("vae"):
+            if "std" in ESTIMATORS[method].outputs:  # the VAE methods and lsq
                 std = np.where(mask, np.abs(rng.normal(0.05, 0.02, SHAPE)) * tissue, 0)
                 _save(dwi / output("std", entities, model="msdki", method=method, param=p).name,
                       std)
