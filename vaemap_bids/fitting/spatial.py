@@ -481,6 +481,7 @@ class _Posterior(nn.Module):
                  start_raw: torch.Tensor | None = None):
         super().__init__()
         n = data.y.shape[0]
+        self.n_lsq_start = 0
         mu = torch.empty_like(net.memory_mu)
         logvar = torch.empty_like(net.memory_mu)
         logits = torch.empty_like(net.memory_q)
@@ -505,6 +506,7 @@ class _Posterior(nn.Module):
                     nll = [negative_log_likelihood(r, net.decode(z)[1], sigma).sum(dim=1)
                            for z in (own, alt)]
                     use = (nll[1] < nll[0])[:, None, None]
+                    self.n_lsq_start += int(use.sum())
                     mu[rows] = torch.where(use, alt[:, None, :].expand_as(mu[rows]), mu[rows])
             net.memory_mu.copy_(mu)
             net.memory_q.copy_(F.softmax(logits, dim=1))
@@ -687,6 +689,7 @@ def fit_svae(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, voxel_coor
         post, refine_losses = refine_posterior(net, data, opts, generator=generator,
                                                start_raw=start_raw)
         hist["refine_loss"] = refine_losses
+        n_lsq_start = post.n_lsq_start
         sampler = torch.Generator(device=device).manual_seed(seed + 1)
         out = predict_svae(net, data, post, chunk=int(opts["inference_batch_size"]),
                            n_samples=int(opts["n_posterior_samples"]), generator=sampler)
@@ -698,7 +701,7 @@ def fit_svae(model: SignalModel, y: np.ndarray, valid: np.ndarray, *, voxel_coor
                  sigma_used=float(torch.exp(net.log_sigma.detach())) * data.scale,
                  borrow_weight=float(torch.sigmoid(net.mix_logit.detach())),
                  prior_sd=torch.exp(0.5 * net.prior_logvars()).detach().cpu().numpy().round(4).tolist(),
-                 n_neighbours=int(nbr.shape[1]),
+                 n_neighbours=int(nbr.shape[1]), refine_lsq_starts=int(n_lsq_start),
                  bandwidth=torch.exp(net.log_bandwidth.detach()).cpu().numpy().round(4).tolist(),
                  neighbour_weight_median=float(np.median(out.pop("borrowed"))),
                  isolated_voxels=int((nbr < 0).all(axis=1).sum()))
