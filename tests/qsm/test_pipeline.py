@@ -199,6 +199,9 @@ def test_end_to_end_graph_writes_the_contracted_files(ds):
     page = (ds / "out" / "sub-01.html").read_text()
     assert 'id="qsm"' in page and "model-qsm_maps.png" in page and "dipcurve" in page
     assert (ds / "out" / "sub-01" / "figures" / "sub-01_model-qsm_maps.png").is_file()
+    # the run's settings file resumes it (every node re-used)
+    (toml,) = (ds / "work").glob("config-*.toml")
+    assert main(["--config-file", str(toml)]) == 0
     # the group level: a QSM table (this dataset has no DWI subject)
     assert main([str(ds / "bids"), str(ds / "out"), "group"]) == 0
     table = (ds / "out" / "group_qsm.tsv").read_text().splitlines()
