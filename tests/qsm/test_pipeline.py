@@ -199,8 +199,32 @@ def test_end_to_end_graph_writes_the_contracted_files(ds):
     page = (ds / "out" / "sub-01.html").read_text()
     assert 'id="qsm"' in page and "model-qsm_maps.png" in page and "dipcurve" in page
     assert (ds / "out" / "sub-01" / "figures" / "sub-01_model-qsm_maps.png").is_file()
+    # the run's settings file resumes it (every node re-used)
+    (toml,) = (ds / "work").glob("config-*.toml")
+    assert main(["--config-file", str(toml)]) == 0
     # the group level: a QSM table (this dataset has no DWI subject)
     assert main([str(ds / "bids"), str(ds / "out"), "group"]) == 0
     table = (ds / "out" / "group_qsm.tsv").read_text().splitlines()
     assert table[0].startswith("subject\tsession") and len(table) == 4
     assert 'id="qsm"' in (ds / "out" / "group.html").read_text()
+
+
+@pytest.mark.slow
+def test_qsm_runs_beside_a_diffusion_model_in_one_run(phantom, tmp_path):
+    from vaemap_bids.simulate.phantom import write_phantom_dataset
+    write_phantom_dataset(tmp_path / "bids", tmp_path / "truth", model="msdki",
+                          shape=(10, 12, 9), seed=0)
+    write_megre_dataset(tmp_path / "bids", phantom)
+    cfg = tmp_path / "fast.yaml"
+    cfg.write_text("qsm: {pdf_max_iter: 10}\n")
+    code = main([str(a) for a in (tmp_path / "bids", tmp_path / "out", "participant", "-w",
+                                  tmp_path / "work", "--nprocs", "1", "--skip-bids-validation",
+                                  "--models", "msdki", "qsm", "--methods", "lsq", "tkd",
+                                  "--config", cfg)])
+    assert code == 0
+    sub = tmp_path / "out" / "sub-01"
+    assert (sub / "anat" / "sub-01_model-qsm_desc-tkd_Chimap.nii.gz").is_file()
+    assert not list((sub / "anat").glob("*desc-lsq*")) and not list(sub.glob("dwi/*tkd*"))
+    assert list((sub / "dwi").glob("sub-01_model-msdki_desc-lsq_param-msd_dwimap.nii.gz"))
+    page = (tmp_path / "out" / "sub-01.html").read_text()
+    assert 'id="qsm"' in page and "msdki" in page

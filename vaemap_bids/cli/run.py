@@ -226,8 +226,7 @@ def build_config(args) -> Config:
         bids_dir=str(bids_dir), output_dir=str(output_dir), analysis_level=args.analysis_level,
         participant_label=_labels(args.participant_label, "sub"),
         session_label=_labels(args.session_label, "ses"),
-        models=dwi_models, models_explicit=bool(args.models), methods=dwi_methods or
-        list(dict.fromkeys(m for m in args.methods if m not in _qsm_methods())),
+        models=dwi_models, models_explicit=bool(args.models), methods=dwi_methods,
         qsm_methods=qsm_methods,
         work_dir=str(work_dir), device=args.device, nprocs=args.nprocs or 0,
         omp_nthreads=args.omp_nthreads or 0, mem_gb=args.mem_gb or 0.0, seed=args.seed,
