@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vaemap_bids.physics import make_model
+from vaemap_bids.cli import sim as sim_cli
 from vaemap_bids.simulate import benchmark
 from vaemap_bids.simulate.clusters import PAPER_CLUSTERS, simulate_clusters
 from vaemap_bids.simulate.metrics import bias, mean_sd, parameter_metrics, pearson_r, rmse, summarise
@@ -164,8 +165,8 @@ def test_parameter_metrics_per_cluster_and_pooled():
                                   ["--sweep", "--betas", "lots"]])
 def test_cli_bad_arguments_exit_64(argv, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        benchmark.main(argv + ["--out", str(tmp_path)])
-    assert exc.value.code == benchmark.EXIT_USAGE
+        sim_cli.main(argv + ["--out", str(tmp_path)])
+    assert exc.value.code == sim_cli.EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert err.startswith("vaemap-sim: error:") and "\n" not in err
 
@@ -173,16 +174,16 @@ def test_cli_bad_arguments_exit_64(argv, tmp_path, capsys):
 def test_cli_bad_config_and_device(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("vaegmm:\n  no_such_option: 1\n")
-    assert benchmark.main(["--quick", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 64
+    assert sim_cli.main(["--quick", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 64
     assert "no_such_option" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert benchmark.main(["--quick", "--device", "cuda", "--out", str(tmp_path / "o")]) == 75
+        assert sim_cli.main(["--quick", "--device", "cuda", "--out", str(tmp_path / "o")]) == 75
 
 
 def test_vaemap_sim_quick_end_to_end(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "sim"
-    rc = benchmark.main(["--quick", "--n-voxels", "200", "--methods", "lsq", "vaegmm",
+    rc = sim_cli.main(["--quick", "--n-voxels", "200", "--methods", "lsq", "vaegmm",
                          "--epochs", "2", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / benchmark.RESULTS_JSON).read_text())
@@ -215,10 +216,10 @@ def test_vaemap_sim_sweep_tiny(tmp_path, capsys):
     try:
         benchmark.sweep_keys("vaeunig")
     except benchmark.UsageError:
-        assert benchmark.main(argv) == 64  # no latent/KL options to sweep: one clear line
+        assert sim_cli.main(argv) == 64  # no latent/KL options to sweep: one clear line
         assert "--sweep needs" in capsys.readouterr().err
         return
-    assert benchmark.main(argv) == 0
+    assert sim_cli.main(argv) == 0
     res = json.loads((out / benchmark.SWEEP_JSON).read_text())
     grid = {(r["method"], r["latent_dim"], r["beta"]) for r in res["summary"]}
     assert grid == {("ssl", None, None), ("vaeunig", 1, 0.01), ("vaeunig", 2, 0.01)}
@@ -231,7 +232,7 @@ def test_oracle_row_ratios_and_coverage(tmp_path):
     a multiple of the oracle's, and coverage is reported for every method with a std."""
     torch.set_num_threads(1)
     out = tmp_path / "sim"
-    rc = benchmark.main(["--n-voxels", "90", "--snr", "30", "--seeds", "0", "--methods", "lsq",
+    rc = sim_cli.main(["--n-voxels", "90", "--snr", "30", "--seeds", "0", "--methods", "lsq",
                          "oracle", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / benchmark.RESULTS_JSON).read_text())
