@@ -328,3 +328,20 @@ def test_given_derivative_mask_is_used(tmp_path):
     assert (msd[data > 0] > 0).all() and (msd[data == 0] == 0).all()  # 0 outside the mask
     valid = nib.load(tmp_path / "out/sub-01/dwi/sub-01_desc-valid_mask.nii.gz").get_fdata()
     np.testing.assert_array_equal(valid > 0, data > 0)
+
+
+def test_calibration_check_in_the_fit_records_and_the_report(run):
+    """Every method with a std carries the simulated coverage check of its intervals (the
+    report's calibration panel); ssl (no std) carries none."""
+    log = run["out"] / "sub-01" / "log"
+    for method in ("lsq", "vaegmm"):
+        rec = json.loads((log / f"sub-01_model-msdki_desc-{method}_fit.json").read_text())
+        cal = rec["calibration"]
+        assert cal["n_voxels"] > 100 and set(cal["coverage"]) == {"msd", "msk"}, method
+        for param, levels in cal["coverage"].items():
+            assert all(0.0 <= v <= 1.0 for v in levels.values()), (method, param)
+            assert levels["0.99"] >= levels["0.5"], (method, param)
+    ssl = json.loads((log / "sub-01_model-msdki_desc-ssl_fit.json").read_text())
+    assert ssl["calibration"] is None
+    html = (run["out"] / "sub-01.html").read_text()
+    assert 'id="calibration"' in html and "_calibration.png" in html
