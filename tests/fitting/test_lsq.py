@@ -15,12 +15,7 @@ from vaemap_bids.physics import Acquisition, make_model
 from vaemap_bids.physics.base import ParameterSpec, SignalModel
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rician(signal, snr, rng):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from vaemap_bids.fitting import fit
 from vaemap_bids.fitting.base import ESTIMATORS
@@ -14,12 +13,7 @@ from vaemap_bids.physics import Acquisition, make_model
 from vaemap_bids.simulate.noise import add_rician_noise
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from scipy import special
 
 from vaemap_bids.physics import Acquisition, make_model
@@ -13,12 +12,7 @@ from vaemap_bids.simulate.oracle import (OracleGrid, Prior, oracle_for_simulatio
                                          posterior_moments)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -64,8 +64,8 @@ from ..physics.noise import negative_log_likelihood
 from .base import FitResult, scatter_rows
 from .networks import LOGVAR_RANGE, gaussian_kl, mlp
 from .options import method_options
-from .train import (_matmul_precision, _split, check_options as check_network_options,
-                    resolve_batch_size, schedule_length)
+from .train import (EarlyStopping, _matmul_precision, _split,
+                    check_options as check_network_options, resolve_batch_size, schedule_length)
 
 log = logging.getLogger("vaemap.fitting.spatial")
 
@@ -404,7 +404,7 @@ def train_svae(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Gen
     settled = max(0, schedule_length(opts) - 1)
     history = {k: [] for k in ("loss", "recon", "kl", "beta", "val_loss", "lr", "sigma",
                                "borrow")}
-    best, best_state, best_epoch, waited = math.inf, None, -1, 0
+    stopper = EarlyStopping(opts, optimiser, bool(val_idx.numel()))
     net.train()
     epoch = -1
     for epoch in range(int(opts["epochs"])):
@@ -454,22 +454,11 @@ def train_svae(net: SpatialVAE, data: _Data, opts: dict, *, generator: torch.Gen
             history[key].append(value)
         if epoch < settled:
             continue
-        score = val if math.isfinite(val) else loss
-        if score < best:
-            best, best_epoch, waited = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            waited += 1
-            if val_idx.numel() and waited >= int(opts["patience"]):
-                break
-            decay_every = int(opts.get("lr_decay_patience", 0))
-            if decay_every and waited % decay_every == 0:
-                for group in optimiser.param_groups:
-                    group["lr"] *= float(opts["lr_decay_factor"])
-    if best_state is not None:
-        net.load_state_dict(best_state)
+        if stopper.update(net, epoch, val if math.isfinite(val) else loss):
+            break
+    stopper.restore(net)
     net.eval()
-    return {"history": history, "best_epoch": best_epoch + 1, "epochs_run": epoch + 1,
+    return {"history": history, "best_epoch": stopper.best_epoch + 1, "epochs_run": epoch + 1,
             "n_train": n_train, "n_validation": int(val_idx.numel()), "batch_size": batch}
 
 

@@ -188,7 +188,7 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
     settled = max(0, schedule_length(opts) - 1)  # first epoch with the final beta
     history: dict[str, list[float]] = {k: [] for k in ("loss", "recon", "kl", "beta", "val_loss",
                                                        "lr", "sigma")}
-    best, best_state, best_epoch, waited = math.inf, None, -1, 0
+    stopper = EarlyStopping(opts, optimiser, bool(val_idx.numel()))
     net.train()
     bar = tqdm(range(int(opts["epochs"])), desc=desc, unit="epoch", disable=not progress,
                leave=False)
@@ -219,26 +219,47 @@ def train_network(net: PhysicsNet, data: torch.Tensor, opts: dict, *, generator:
         bar.set_postfix(loss=f"{loss:.3g}", val=f"{val:.3g}", beta=f"{beta:.2g}")
         if epoch < settled:
             continue
-        score = val if math.isfinite(val) else loss
-        if score < best:
-            best, best_epoch, waited = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        else:
-            waited += 1
-            if val_idx.numel() and waited >= int(opts["patience"]):
-                break
-            # Noisy (mini-batch, and for VAEs sampled) gradients need a shrinking step to settle:
-            # halve the learning rate after every lr_decay_patience epochs without improvement.
-            decay_every = int(opts.get("lr_decay_patience", 0))
-            if decay_every and waited % decay_every == 0:
-                for group in optimiser.param_groups:
-                    group["lr"] *= float(opts["lr_decay_factor"])
+        if stopper.update(net, epoch, val if math.isfinite(val) else loss):
+            break
     bar.close()
-    if best_state is not None:
-        net.load_state_dict(best_state)
+    stopper.restore(net)
     net.eval()
-    return {"history": history, "best_epoch": best_epoch + 1, "epochs_run": epoch + 1,
+    return {"history": history, "best_epoch": stopper.best_epoch + 1, "epochs_run": epoch + 1,
             "n_train": n_train, "n_validation": int(val_idx.numel()), "batch_size": batch}
+
+
+class EarlyStopping:
+    """The best weights so far (on the validation loss, else the training loss), stopping after
+    ``patience`` epochs without improvement (only with held-out voxels), and the learning-rate
+    decay: noisy (mini-batch, and for VAEs sampled) gradients need a shrinking step to settle, so
+    the rate is multiplied by ``lr_decay_factor`` every ``lr_decay_patience`` epochs without
+    improvement."""
+
+    def __init__(self, opts: dict, optimiser: torch.optim.Optimizer, has_validation: bool):
+        self.patience = int(opts["patience"])
+        self.decay_every = int(opts.get("lr_decay_patience", 0))
+        self.decay_factor = float(opts.get("lr_decay_factor", 0.5))
+        self.optimiser, self.has_validation = optimiser, has_validation
+        self.best, self.best_epoch, self.waited, self.state = math.inf, -1, 0, None
+
+    def update(self, net: torch.nn.Module, epoch: int, score: float) -> bool:
+        """Record ``epoch``'s score; True when training should stop."""
+        if score < self.best:
+            self.best, self.best_epoch, self.waited = score, epoch, 0
+            self.state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            return False
+        self.waited += 1
+        if self.has_validation and self.waited >= self.patience:
+            return True
+        if self.decay_every and self.waited % self.decay_every == 0:
+            for group in self.optimiser.param_groups:
+                group["lr"] *= self.decay_factor
+        return False
+
+    def restore(self, net: torch.nn.Module) -> None:
+        """Load the best weights into ``net`` (when any epoch was scored)."""
+        if self.state is not None:
+            net.load_state_dict(self.state)
 
 
 # ---- inference -------------------------------------------------------------------------------
