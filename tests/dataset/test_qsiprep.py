@@ -188,3 +188,28 @@ def test_ballstick_directions_from_an_oblique_b_file(tmp_path):
     side = json.loads((dwi / "sub-01_space-ACPC_model-ballstick_desc-lsq_param-dir_dwimap.json"
                        ).read_text())
     assert side["OrientationEncoding"]["Reference"] == "ijk"
+
+
+def test_collect_keeps_every_entity_and_rewrites_nothing(tmp_path):
+    """Sessions, acq- and space- identify the series; the mask is the DWI's own sibling (not
+    another series'); a second collection (a resumed run) leaves the converted files untouched."""
+    from vaemap_bids.dataset.qsiprep import collect_qsiprep_series
+    ds = write_qsiprep_dataset(tmp_path / "q", tmp_path / "truth", shape=(8, 9, 7), seed=3,
+                               subjects=("01", "02"), sessions=("1", "2"), acq_label="multi",
+                               space="T1w", gradients=("b",))
+    series = collect_qsiprep_series(ds["qsiprep_dir"], ["02"], ["2"], gradient_dir=tmp_path / "g")
+    assert len(series) == 1
+    s = series[0]
+    assert s.entities == {"subject": "02", "session": "2", "acquisition": "multi",
+                          "space": "T1w"}
+    assert s.prefix == "sub-02_ses-2_acq-multi_space-T1w"
+    assert s.mask == str(ds["qsiprep_dir"] / "sub-02/ses-2/dwi"
+                         / "sub-02_ses-2_acq-multi_space-T1w_desc-brain_mask.nii.gz")
+    assert [p.rsplit("/", 1)[-1] for p in s.sources] == [
+        "sub-02_ses-2_acq-multi_space-T1w_desc-preproc_dwi.nii.gz",
+        "sub-02_ses-2_acq-multi_space-T1w_desc-preproc_dwi.b"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "g").iterdir()}
+    assert len(stamps) == 2
+    again = collect_qsiprep_series(ds["qsiprep_dir"], ["02"], ["2"], gradient_dir=tmp_path / "g")
+    assert again[0].bvec == s.bvec
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "g").iterdir()} == stamps

@@ -20,7 +20,30 @@ fit_seconds, device, seed   the fit node's run time, device and seed
 <package>_version           every version in the run's summary (``vaemap_version`` first)
 ==========================  =====================================================================
 
-Missing values are ``n/a``. Return codes (BIDS-Apps, ARCHITECTURE.md section 3): 0 when every
+Missing values are ``n/a``.
+
+``OUTPUT_DIR/group.tsv`` holds the same numbers for every model and method in one tidy
+(long) table, one value per row, for pandas (``pd.read_csv(path, sep="\t")``; ``n/a`` reads as
+NaN), R (``read.delim(path, na.strings = "n/a")``) or seaborn directly; ``group.json``
+describes its columns (:data:`TIDY_COLUMNS`):
+
+==========================  =====================================================================
+column                      meaning
+==========================  =====================================================================
+subject .. space            the series' entities (``n/a`` where the series has none)
+model, method               the fit
+parameter                   a scalar parameter (msd, msk, stickfrac, ...); ``nrmse`` for the fit's
+                            residual map; ``fit`` for numbers of the fit itself
+region                      ``brain`` (the valid voxels of the brain mask) or ``cluster<K>``
+                            (vaegmm cluster K of the same model and series)
+statistic                   ``n_voxels``, ``median``, ``iqr`` of a parameter map in the region;
+                            ``mean`` of ``nrmse``; ``seconds``, ``n_invalid``, ``n_at_bound`` of
+                            ``fit``
+value                       the number
+units                       the parameter's units (``n/a`` for counts, NRMSE and seconds: s)
+==========================  =====================================================================
+
+Return codes (BIDS-Apps, ARCHITECTURE.md section 3): 0 when every
 expected subject is complete, 66 (missing input) when any subject's outputs are missing or
 incomplete, 18 when there is no subject at all.
 """
@@ -35,6 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from markupsafe import Markup
 
 from .. import __version__, naming
 from ..config import ExitCode
@@ -45,6 +69,7 @@ from .collect import (Series, expected_prefixes, find_series, sort_methods,
 from .metrics import OUTLIER_Z, finite, median_iqr, per_label_median_iqr, robust_z
 from ..atomic import write_text_atomic as write_text
 from .render import render
+from .svg import strip_chart
 
 log = logging.getLogger("vaemap.reports")
 
@@ -85,6 +110,7 @@ def series_rows(s: Series) -> dict[str, list[dict]]:
                 med, iqr = median_iqr(inside)
                 row = {"subject": s.subject, "session": s.session,
                        "acquisition": s.entity_value("acquisition"), "run": s.entity_value("run"),
+                       "space": s.entity_value("space"),
                        "model": model, "method": method, "param": spec.label,
                        "n_voxels": int(np.isfinite(inside).sum()), "median": med, "iqr": iqr,
                        "clusters": {}, "nrmse_mean": nrmse_mean,
@@ -132,6 +158,66 @@ def write_tsv(path: Path, rows: list[dict]) -> Path:
     return write_text(path, buf.getvalue())
 
 
+#: The columns of ``group.tsv`` and what they hold (also written as ``group.json``).
+TIDY_COLUMNS = {
+    "subject": "Participant label (without sub-).",
+    "session": "Session label (without ses-); n/a when the series has none.",
+    "acquisition": "acq- label of the series; n/a when it has none.",
+    "run": "Run index of the series; n/a when it has none.",
+    "space": "space- label of the series (e.g. ACPC for QSIPrep input); n/a when it has none.",
+    "model": "Signal model (msdki, ballstick, ...).",
+    "method": "Estimator (lsq, ssl, vaeunig, vaegmm, ...).",
+    "parameter": ("Scalar parameter of the model; 'nrmse' for the fit's residual map; 'fit' for "
+                  "numbers of the fit itself."),
+    "region": ("'brain': the brain-mask voxels with an estimate; 'cluster<K>': those of vaegmm "
+               "cluster K of the same model and series (numbered per series)."),
+    "statistic": ("n_voxels, median or iqr of the parameter map in the region; mean of nrmse; "
+                  "seconds, n_invalid or n_at_bound of fit."),
+    "value": "The number (n/a when it could not be computed).",
+    "units": "Units of the value: the parameter's for median and iqr, s for seconds, else n/a.",
+}
+TIDY_TABLE = "group.tsv"
+
+
+def tidy_rows(rows: list[dict]) -> list[list]:
+    """The long-format rows (:data:`TIDY_COLUMNS` order) of one model's group rows, in their
+    order; one fit's 'nrmse' and 'fit' rows follow its first parameter's rows."""
+    out, seen_fits = [], set()
+    for r in rows:
+        ident = [r["subject"], r["session"], r.get("acquisition"), r.get("run"), r.get("space"),
+                 r["model"], r["method"]]
+        units = r.get("units")
+        regions = [("brain", (r["n_voxels"], r["median"], r["iqr"]))]
+        regions += [(f"cluster{k}", r["clusters"][k]) for k in sorted(r["clusters"])]
+        for region, (n, med, iqr) in regions:
+            out += [ident + [r["param"], region, "n_voxels", n, None],
+                    ident + [r["param"], region, "median", med, units],
+                    ident + [r["param"], region, "iqr", iqr, units]]
+        fit_key = tuple(str(x) for x in ident)
+        if fit_key not in seen_fits:
+            seen_fits.add(fit_key)
+            out += [ident + ["nrmse", "brain", "mean", r["nrmse_mean"], None],
+                    ident + ["fit", "brain", "seconds", r["fit_seconds"], "s"],
+                    ident + ["fit", "brain", "n_invalid", r["n_invalid"], None],
+                    ident + ["fit", "brain", "n_at_bound", r["n_at_bound"], None]]
+    return out
+
+
+def write_tidy_tsv(output_dir: Path, rows_by_model: dict[str, list[dict]]) -> Path:
+    """``group.tsv`` (every model, sorted as the per-model tables) and its JSON sidecar
+    describing the columns, each written atomically."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    writer.writerow(list(TIDY_COLUMNS))
+    for model in sorted(rows_by_model):
+        for line in tidy_rows(rows_by_model[model]):
+            writer.writerow([_cell(x) for x in line])
+    from ..atomic import write_json_atomic
+    write_json_atomic(Path(output_dir) / TIDY_TABLE.replace(".tsv", ".json"),
+                      {col: {"Description": text} for col, text in TIDY_COLUMNS.items()})
+    return write_text(Path(output_dir) / TIDY_TABLE, buf.getvalue())
+
+
 def _png_data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -162,6 +248,23 @@ def _model_block(model: str, rows: list[dict], output_dir: Path, tmp_dir: Path) 
         flagged[(p, m)] = flags[ok]
     fig_path = F.group_figure(tmp_dir / f"group_{model}.png", params, methods, values, labels,
                               flagged, units)
+    charts = []
+    for p in params:
+        points = {}
+        for m in methods:
+            if (m, p) not in cols:
+                continue
+            pts = []
+            for key in series:
+                v = value.get(key + (m, p))
+                if v is None or not np.isfinite(v):
+                    continue
+                zi = z.get(key + (m, p), np.nan)
+                pts.append((_series_label(key), float(v), bool(abs(zi) > OUTLIER_Z), zi))
+            points[m] = pts
+        u = F.pretty_units(units.get(p))
+        charts.append(Markup(strip_chart(f"{p}" + (f" ({u})" if u else ""), list(points), points,
+                                         quantity=p)))
     table = []
     n_flags = 0
     for key in series:
@@ -179,7 +282,8 @@ def _model_block(model: str, rows: list[dict], output_dir: Path, tmp_dir: Path) 
         table.append({"label": _series_label(key), "subject": key[0],
                       "report": report if (output_dir / report).is_file() else None,
                       "cells": cells})
-    return {"name": model, "figure": _png_data_uri(fig_path), "columns": cols, "table": table,
+    return {"name": model, "figure": _png_data_uri(fig_path), "charts": charts,
+            "columns": cols, "table": table,
             "n_flags": n_flags, "n_series": len(series), "methods": methods, "params": params,
             "tsv": f"group_{model}.tsv"}
 
@@ -191,15 +295,20 @@ def _series_label(key: tuple) -> str:
 
 
 GROUP_TABLE_PATTERN = "group_*.tsv"
+#: The tidy table and its column descriptions (the validator does not know them either).
+GROUP_TIDY_FILES = ("group.tsv", "group.json")
 
 
 def ensure_bidsignore(output_dir: Path) -> None:
     """Add the group tables to OUTPUT_DIR/.bidsignore (the validator does not know them)."""
     path = Path(output_dir) / ".bidsignore"
     lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    if GROUP_TABLE_PATTERN not in (line.strip() for line in lines):
-        lines += ["# vaemap group level tables", GROUP_TABLE_PATTERN]
-        write_text(path, "\n".join(lines) + "\n")
+    present = {line.strip() for line in lines}
+    missing = [p for p in (GROUP_TABLE_PATTERN, *GROUP_TIDY_FILES) if p not in present]
+    if missing:
+        if GROUP_TABLE_PATTERN not in present:
+            lines.append("# vaemap group level tables")
+        write_text(path, "\n".join(lines + missing) + "\n")
 
 
 def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
@@ -253,6 +362,7 @@ def run_group(output_dir, *, bids_dir=None, participant_labels=None) -> int:
                                  r["method"], prank.get(r["param"], len(prank)), r["param"]))
         write_tsv(output_dir / f"group_{model}.tsv", rows)
     if rows_by_model:
+        write_tidy_tsv(output_dir, rows_by_model)
         ensure_bidsignore(output_dir)
     with tempfile.TemporaryDirectory(prefix=".vaemap-group-", dir=output_dir) as tmp:
         blocks = [_model_block(model, rows, output_dir, Path(tmp))
