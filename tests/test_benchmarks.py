@@ -58,7 +58,7 @@ def test_spatial_benchmark_runs_at_a_tiny_size(tmp_path):
     for method, res in case["methods"].items():
         wm = res["metrics"]["msd"]["WM"]
         assert res["seconds"] > 0 and wm["all"]["rmse"] > 0 and wm["all"]["n"] > 0, method
-        assert ("coverage" in wm["all"]) == (method in ("vaegmm", "svae")), method
+        assert "coverage" in wm["all"], method   # every method has a std (lsq: Cramer-Rao)
     assert set(case["targets"]["msd WM"]) == {"svae/lsq", "svae/best_denoise", "edge svae/lsq",
                                               "svae coverage"}
     assert "time svae/vaegmm" in case["targets"]
