@@ -1,5 +1,5 @@
 """``vaemap-demo``: build the demo dataset (:mod:`vaemap_bids.simulate.demo`) and run the
-participant pipeline on it with every model and method, with a reduced epoch budget."""
+participant pipeline on it with every model and the default methods, with a reduced epoch budget."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..atomic import write_json_atomic
 from ..config import ExitCode
-from ..fitting.base import METHODS
+from ..fitting.base import DEFAULT_METHODS
 from ..simulate.demo import (DEMO_HYPERPARAMETERS, DEMO_SUBJECTS, MARKER, MODELS,
                              build_demo_dataset, compare_with_truth, format_rows, phantom_record,
                              prepare_folder, write_demo_config)
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
           "the packaged defaults, so their maps are smoother.")
 
     cmd = [str(bids), str(out), "participant", "--participant-label", *args.subjects,
-           "--models", *MODELS, "--methods", *METHODS,
+           "--models", *MODELS, "--methods", *DEFAULT_METHODS,
            "-w", str(work), "--config", str(config), "--device", args.device,
            "--seed", str(args.seed)]
     if "small101d" in args.subjects:

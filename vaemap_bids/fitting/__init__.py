@@ -1,4 +1,4 @@
-"""Estimators: ``fit(model, signals, method)`` runs any of lsq, ssl, vaeunig, vaegmm.
+"""Estimators: ``fit(model, signals, method)`` runs any of lsq, ssl, vaeunig, vaegmm, svae.
 
 ``signals`` are b0-normalised (see :func:`vaemap_bids.physics.normalise_by_b0`), one row per
 voxel, with the volumes of the model's full acquisition (or only the volumes the model uses).
@@ -7,8 +7,9 @@ Rows with a non-finite value are excluded, counted in the log, and NaN in the re
 ``sigma`` is the noise standard deviation of those b0-normalised signals (sigma / S0 of each
 voxel): a scalar, or one value per row of ``signals`` (subset to the fitted rows like the
 signals). The magnitude likelihoods (``noise_model`` rician / ncchi, the default) need it; when
-it is None it is estimated from the signals (:mod:`vaemap_bids.fitting.sigma`) and what was done
-is recorded in ``FitResult.hyperparameters['noise']``.
+it is None, lsq estimates it from the signals (:mod:`vaemap_bids.fitting.sigma`) and a network
+learns one noise level with its ELBO; what was done is recorded in
+``FitResult.hyperparameters['noise']``.
 """
 from __future__ import annotations
 
