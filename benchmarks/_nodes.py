@@ -1,8 +1,32 @@
-"""Per-node figures of a Nipype run, shared by the participant benchmarks."""
+"""What the benchmarks share: the machine they ran on, and per-node figures of a Nipype run."""
 from __future__ import annotations
 
+import os
+import platform
 import time
 from pathlib import Path
+
+
+def machine() -> dict:
+    """The machine a benchmark ran on: CPU model, cores, versions, threads, load, GPU."""
+    import numpy as np
+    import torch
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
 
 
 def _status_kb(key: str) -> int:

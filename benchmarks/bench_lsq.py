@@ -43,7 +43,6 @@ if ARGS is not None:  # thread counts must be set before numpy / torch load thei
         os.environ[var] = str(ARGS.threads)
 
 import json  # noqa: E402
-import platform  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -60,26 +59,10 @@ from vaemap_bids.physics import make_model  # noqa: E402
 from vaemap_bids.simulate.acquisitions import hcp_acquisition  # noqa: E402
 from vaemap_bids.simulate.clusters import simulate_clusters  # noqa: E402
 from vaemap_bids.simulate.noise import add_rician_noise  # noqa: E402
+from _nodes import machine  # noqa: E402  (the script's folder is on sys.path)
 
 #: Ball-stick truths: plausible tissue, inside both our bounds and dmipy's (0.1-3 um^2/ms).
 BALLSTICK_TRUTH = {"stickfrac": (0.1, 0.8), "dpar": (1.0, 2.5), "diso": (0.5, 2.5)}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "numpy": np.__version__,
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def timed(fn, *args, **kwargs):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,23 +35,10 @@ from vaemap_bids.fitting import fit
 from vaemap_bids.physics import get_model_class, make_model, normalise_by_b0
 from vaemap_bids.simulate.phantom import TISSUE_LABELS
 from vaemap_bids.simulate.spatial import REGION_LABELS, simulate_spatial
+from _nodes import machine  # the script's folder is on sys.path
 
 METHODS = ("lsq", "mppca+lsq", "patch2self+lsq", "vaegmm", "svae")
 TARGET_PARAMS = {"msdki": ("msd",), "ballstick": ("stickfrac", "dpar")}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average_start": list(os.getloadavg())}
 
 
 def run_method(method: str, phantom, model, device: str, seed: int, epochs: int | None) -> dict:
