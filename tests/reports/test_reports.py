@@ -159,13 +159,13 @@ def write_synthetic_series(out: Path, entities: dict, seed: int, shift: float = 
                       std)
         nrmse = np.where(mask, np.abs(rng.normal(0.02 + noise[method] / 4, 0.01, SHAPE)), 0)
         _save(dwi / output("nrmse", entities, model="msdki", method=method).name, nrmse)
-        history = {k: [] for k in ("loss", "recon", "kl", "beta", "tau", "val_loss")}
+        history = {k: [] for k in ("loss", "recon", "kl", "beta", "sigma", "val_loss")}
         if method != "lsq":
             ep = np.arange(12)
             recon = 0.01 + 0.2 * np.exp(-ep / 4)
             history = {"loss": (recon + 1e-3).tolist(), "recon": recon.tolist(),
                        "kl": (1 + np.exp(-ep / 5)).tolist(), "beta": np.clip(ep / 6, 0, 1).tolist(),
-                       "tau": np.geomspace(1, 0.1, 12).tolist() if method == "vaegmm" else [],
+                       "sigma": np.geomspace(0.08, 0.05, 12).tolist(),
                        "val_loss": (recon * 1.1).tolist()}
         record = {"model": "msdki", "method": method, "hyperparameters": {"epochs": 12},
                   "history": history, "timings": {"fit_seconds": 2.0, "voxels_per_second": n / 2},

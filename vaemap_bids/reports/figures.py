@@ -342,12 +342,14 @@ def agreement_figure(path, params: list[dict], methods: list[str], mask: np.ndar
 
 # ---- training -------------------------------------------------------------------------------------
 TRAINING_PANELS = (("loss", "loss (train, dashed: validation)", True),
-                   ("recon", "reconstruction (MSE)", True), ("kl", "KL", True),
-                   ("beta", "beta (KL weight)", False), ("tau", "tau (Gumbel temperature)", False))
+                   ("recon", "reconstruction (noise-model NLL)", False), ("kl", "KL", True),
+                   ("beta", "beta (KL weight)", False),
+                   ("sigma", "sigma (learnt noise level)", False))
 
 
 def training_figure(path, histories: dict[str, dict]) -> Path:
-    """Loss, reconstruction and KL curves and the beta and tau schedules, one line per method."""
+    """Loss, reconstruction and KL curves, the beta schedule and the learnt noise level, one line
+    per method."""
     fig, axes = _grid(1, len(TRAINING_PANELS), cell=2.9, extra_w=0.2, extra_h=0.6)
     for ax, (key, title, log_scale) in zip(axes[0], TRAINING_PANELS):
         drawn = False
