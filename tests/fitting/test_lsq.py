@@ -227,7 +227,7 @@ def test_fit_contract_nan_rows_and_determinism(hcp_acq, ballstick):
     np.testing.assert_array_equal(first.params, second.params)
     assert set(first.timings) == {"fit_seconds", "voxels_per_second"}
     assert first.hyperparameters["solver"] == "torch" and first.hyperparameters["n_starts"] >= 1
-    maps = first.maps(ballstick)
+    maps = ballstick.split(first.params)
     assert maps["dir"].shape == (40, 3)
 
 

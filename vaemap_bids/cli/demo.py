@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vaemap-demo",
         description=("Build the vaemap demo dataset (a synthetic brain phantom with known truth "
                      "and dipy's real small_101D crop) and run the participant pipeline on it "
-                     "with every model and method, with a REDUCED epoch budget."),
+                     "with every model and the default methods, with a REDUCED epoch budget."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out-dir", type=Path, default=Path("demo"),
                         help="demo folder: bids/, truth/, out/ (the derivatives), work/")

@@ -114,12 +114,6 @@ class FitResult:
     #: on new b0-normalised voxels (N, T) without retraining; in memory only, never serialised
     predict: Callable | None = field(default=None, repr=False, compare=False)
 
-    def maps(self, model: SignalModel) -> dict[str, np.ndarray]:
-        return model.split(self.params)
-
-    def std_maps(self, model: SignalModel) -> dict[str, np.ndarray]:
-        return {} if self.std is None else model.split(self.std)
-
 
 def prepare_signals(model: SignalModel, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Check b0-normalised ``signals`` (N, T of the model's full acquisition) and return
