@@ -49,7 +49,8 @@ MAX_MAGNITUDE = 1e15
 
 
 def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | None = None,
-                   mask_source: str = "", n_coils: int = 1) -> PreparedSeries:
+                   mask_source: str = "", n_coils: int = 1,
+                   noise: dict | None = None) -> PreparedSeries:
     """The mask's voxels of the kept volumes (all by default), read in one pass over the image
     (one open) and divided by their mean b0.
 
@@ -60,7 +61,12 @@ def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | N
     The noise sigma comes from the same pass: the spread of the repeated b0 volumes of the valid
     voxels (:func:`vaemap_bids.dataset.noise.pooled_repeat_sigma`) when at least two are kept;
     with fewer there is no honest series estimate from the brain alone (``sigma`` None) and each
-    fit estimates it from its own residuals (recorded in its sidecars)."""
+    fit estimates it from its own residuals (recorded in its sidecars).
+
+    ``noise``, when given, is an estimate made before ``dwi`` was denoised (``{"value": sigma
+    or None, "method": ...}``, :func:`raw_series_sigma`): a denoised series' b0 repeats vary
+    less than the noise that the magnitude's Rician floor comes from, so it replaces the
+    estimate of this pass."""
     mask = np.asarray(mask, dtype=bool)
     keep = np.ones(acq.n_volumes, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     if keep.size != acq.n_volumes:
@@ -81,7 +87,10 @@ def prepare_series(dwi, acq: Acquisition, mask: np.ndarray, keep: np.ndarray | N
     huge = finite & np.any(np.abs(raw) > MAX_MAGNITUDE, axis=1)
     raw[huge] = np.nan
     normalised, s0, valid = normalise_by_b0(raw, kept)
-    sigma, noise = series_sigma(raw[:, kept.b0_mask][valid], n_coils)  # (N, n_b0): small
+    if noise is None:
+        sigma, noise = series_sigma(raw[:, kept.b0_mask][valid], n_coils)  # (N, n_b0): small
+    else:
+        sigma, noise = noise.get("value"), dict(noise)
     del raw
     implausible = valid & np.any(np.abs(normalised) > MAX_SIGNAL_RATIO, axis=1)
     valid &= ~implausible
@@ -111,6 +120,28 @@ def series_sigma(b0_rows: np.ndarray, n_coils: int = 1) -> tuple[float | None, d
         info.update(method="none", value=None, reason=f"b0 spread unusable: {exc}")
         return None, info
     info.update(method="b0", value=sigma, **extra)
+    return sigma, info
+
+
+def raw_series_sigma(b0_volumes: np.ndarray, n_coils: int = 1,
+                     mppca_sigma: np.ndarray | None = None) -> tuple[float | None, dict]:
+    """sigma of a series before denoising: :func:`series_sigma` on the raw b0 repeats
+    ``b0_volumes`` (voxels, n_b0) of the brain; with fewer than two b0 volumes, the median of
+    MP-PCA's noise map over the same voxels (``mppca_sigma`` (voxels,), when the series was
+    denoised by MP-PCA), else None. The record says ``"before": "denoising"``."""
+    b0_volumes = np.asarray(b0_volumes, dtype=np.float64)
+    usable = np.all(np.isfinite(b0_volumes), axis=1) & (b0_volumes.mean(axis=1) > 0)
+    sigma, info = series_sigma(b0_volumes[usable], n_coils)
+    if sigma is None and mppca_sigma is not None:
+        values = np.asarray(mppca_sigma, dtype=np.float64)[usable]
+        values = values[np.isfinite(values) & (values > 0)]
+        if values.size:
+            sigma = float(np.median(values))
+            # MP-PCA's sigma is the sd of the magnitude's fluctuations: the Gaussian sigma at
+            # the b0's SNR, which is where the Marchenko-Pastur fit takes most of its signal.
+            info.update(method="mppca", value=sigma, n_voxels=int(values.size),
+                        reason=info.get("reason", ""))
+    info["before"] = "denoising"
     return sigma, info
 
 

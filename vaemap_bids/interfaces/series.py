@@ -14,10 +14,10 @@ import os
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec,
-                                    traits)
+                                    isdefined, traits)
 
 from ..dataset.gradients import load_acquisition
-from ..dataset.signals import prepare_series
+from ..dataset.signals import prepare_series, raw_series_sigma
 from ..outputs.products import image_like
 
 
@@ -31,6 +31,8 @@ class _PrepareSeriesInputSpec(BaseInterfaceInputSpec):
     n_coils = traits.Int(1, usedefault=True, desc="receive channels of the magnitude (sigma)")
     denoise_info = traits.Dict(value={"method": "none"}, usedefault=True,
                                desc="what DenoiseSeries did to dwi_file (method, counts)")
+    raw_noise = traits.Dict(desc="the noise sigma estimated before denoising (DenoiseSeries): "
+                                 "replaces the estimate from dwi_file's b0 repeats")
 
 
 class _PrepareSeriesOutputSpec(TraitedSpec):
@@ -54,8 +56,9 @@ class PrepareSeries(SimpleInterface):
         acq = load_acquisition(self.inputs.bval_file, self.inputs.bvec_file)
         with np.load(self.inputs.arrays_file) as plan:
             mask, keep = plan["mask"], plan["keep"]
+        raw_noise = self.inputs.raw_noise if isdefined(self.inputs.raw_noise) else None
         prepared = prepare_series(self.inputs.dwi_file, acq, mask, keep, self.inputs.mask_source,
-                                  n_coils=self.inputs.n_coils)
+                                  n_coils=self.inputs.n_coils, noise=raw_noise)
         info = prepared.info
         mask_file = os.path.join(runtime.cwd, "brain_mask.nii.gz")
         nib.save(image_like(prepared.mask, info.header, np.uint8), mask_file)
@@ -84,6 +87,7 @@ class _DenoiseInputSpec(BaseInterfaceInputSpec):
     arrays_file = File(exists=True, mandatory=True,
                        desc="the plan's brain mask and volumes kept (.npz)")
     method = traits.Enum("mppca", "patch2self", mandatory=True)
+    n_coils = traits.Int(1, usedefault=True, desc="receive channels of the magnitude (sigma)")
 
 
 class _DenoiseOutputSpec(TraitedSpec):
@@ -91,6 +95,8 @@ class _DenoiseOutputSpec(TraitedSpec):
                                       "volumes left out by the plan are copied as they were)")
     sigma_file = File(desc="MP-PCA's noise sd per voxel (mppca only)")
     denoise_info = traits.Dict(desc="method, volumes denoised, median sigma (mppca)")
+    raw_noise = traits.Dict(desc="noise sigma of the series before denoising, and how "
+                                 "(dataset.signals.raw_series_sigma)")
 
 
 class DenoiseSeries(SimpleInterface):
@@ -114,6 +120,7 @@ class DenoiseSeries(SimpleInterface):
             for index, vol in volumes:
                 data[..., index] = vol
         inside = mask & np.all(np.isfinite(data[..., keep]), axis=-1)
+        raw_b0 = data[inside][:, keep & acq.b0_mask]     # (N, n_b0), before denoising
         denoised, extra = denoise(data[..., keep], acq.bvals[keep] * 1e3, inside,
                                   self.inputs.method)
         data[..., keep] = denoised
@@ -129,7 +136,11 @@ class DenoiseSeries(SimpleInterface):
             nib.save(image_like(extra["sigma"], info.header, np.float32), sigma_file)
             self._results["sigma_file"] = sigma_file
             record["sigma_median"] = float(np.median(extra["sigma"][inside]))
-        self._results.update(out_file=out_file, denoise_info=record)
+        # The fits' noise model needs the noise of the magnitude data, which denoising hides
+        # (its b0 repeats vary less): estimate it here, from the raw b0 volumes.
+        _, raw_noise = raw_series_sigma(raw_b0, self.inputs.n_coils,
+                                        extra["sigma"][inside] if "sigma" in extra else None)
+        self._results.update(out_file=out_file, denoise_info=record, raw_noise=raw_noise)
         return runtime
 
 

@@ -81,11 +81,12 @@ def init_series_wf(plan: SeriesPlan, config: Config, name: str | None = None) ->
     else:
         denoise = pe.Node(DenoiseSeries(dwi_file=series.dwi, bval_file=series.bval,
                                         bvec_file=series.bvec, arrays_file=plan.arrays_file,
-                                        method=config.denoise),
+                                        method=config.denoise, n_coils=n_coils),
                           name="denoise_series", n_procs=omp,
                           mem_gb=estimate_mem_gb(plan, 4.0, cap))
         wf.connect([(denoise, prepare, [("out_file", "dwi_file"),
-                                        ("denoise_info", "denoise_info")])])
+                                        ("denoise_info", "denoise_info"),
+                                        ("raw_noise", "raw_noise")])])
         if config.denoise_output:
             denoised = pe.Node(DenoisedProducts(bval_file=series.bval, bvec_file=series.bvec,
                                                 entities=series.entities, sources=sources),
