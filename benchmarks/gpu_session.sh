@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 11 as one command, for a lent GPU machine (the `device` tool):
-# the trainer against the paper-style loop, the roofline, a tiny then an HCP-size participant run
+# the trainer against the paper-style loop, the roofline, and an HCP-size participant run
 # with --device cuda. Wheels for what the machine's image lacks travel in .whl: make them here with
 # benchmarks/gpu_wheels.sh, then run `bash benchmarks/gpu_session.sh` there with carry [".whl"].
 # Writes every JSON and the log under $OUT (default benchmarks/out).
