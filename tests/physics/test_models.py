@@ -30,6 +30,23 @@ def test_shells_group_jittered_bvals():
     assert acq.b0_mask.sum() == 3
 
 
+def test_msdki_forward_evaluates_distinct_bvals_once_exactly():
+    # interleaved, jittered and repeated b-values: the torch forward (each distinct b once, then
+    # copied to its volumes) equals the closed form at every volume's own b
+    rng = np.random.default_rng(3)
+    bvals = np.r_[0, 1000, 5, 2000, 1000, 0, 995 + 10 * rng.random(12), 2000, 1990 + 20 * rng.random(9)]
+    dirs = rng.normal(size=(bvals.size, 3))
+    acq = Acquisition.from_smm2(bvals, dirs / np.linalg.norm(dirs, axis=1, keepdims=True))
+    model = make_model("msdki", acq)
+    params = np.stack([rng.uniform(0.2, 3.0, 50), rng.uniform(0.0, 0.5, 50)], axis=1)
+    got = model.forward(torch.as_tensor(params, dtype=torch.float64)).numpy()
+    b = acq.bvals[None, :]
+    want = np.exp(-b * params[:, :1] + (b * params[:, :1]) ** 2 * params[:, 1:] / 6.0)
+    assert got.shape == (50, bvals.size)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    np.testing.assert_allclose(got, model.forward_numpy(params), rtol=1e-12)
+
+
 def test_msdki_matches_dipy(hcp_acq, rng):
     from dipy.core.gradients import gradient_table
     from dipy.reconst.msdki import msdki_prediction

@@ -82,11 +82,27 @@ class MeanSignalDKI(SignalModel):
         return np.stack([np.log(fd) - np.log1p(-fd), np.log(fk) - np.log1p(-fk)], axis=1)
 
     def forward(self, params: torch.Tensor) -> torch.Tensor:
-        b, _ = self.tensors(params.device, params.dtype)
+        # The signal depends on b alone. Without a backward pass (inference, the forward-mode
+        # Jacobians of the refinement) each distinct b-value is evaluated once and copied to its
+        # volumes: exact, and several times less work. With one, the copy's backward (a scatter-
+        # add) costs more than it saves (measured), so every volume is evaluated.
+        if params.requires_grad and torch.is_grad_enabled():
+            b, where = self.tensors(params.device, params.dtype)[0], None
+        else:
+            b, where = self._distinct_b(params.device, params.dtype)
         d = params[:, 0:1]
         k = params[:, 1:2]
         bd = b[None, :] * d
-        return torch.exp(-bd + bd * bd * k / 6.0)
+        signal = torch.exp(-bd + bd * bd * k / 6.0)
+        return signal if where is None else signal[:, where]
+
+    def _distinct_b(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("distinct-b", str(device), dtype)
+        if key not in self._device_cache:
+            values, where = np.unique(self.acquisition.bvals, return_inverse=True)
+            self._device_cache[key] = (torch.as_tensor(values, dtype=dtype, device=device),
+                                       torch.as_tensor(where.ravel(), device=device))
+        return self._device_cache[key]
 
     def forward_numpy(self, params, bvals=None, bvecs=None) -> np.ndarray:
         params = np.atleast_2d(np.asarray(params, dtype=np.float64))
